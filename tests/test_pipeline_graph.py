@@ -1,0 +1,57 @@
+"""The stage graph: order, wiring of models and parrots, and keys that invalidate what follows."""
+import pytest
+
+from sande_dist.config import load_config
+from sande_dist.errors import InputError
+from sande_dist.pipeline.graph import build_plan
+
+
+def plan(*overrides, only=None):
+    return {p.name: p for p in build_plan(load_config(None, list(overrides)), "R", only)}
+
+
+def test_default_graph_wiring():
+    p = plan()
+    names = list(p)
+    assert names.index("inject") < names.index("simulate") < names.index("eliminate") < names.index("evaluate_sande")
+    assert names.index("osft") < names.index("evaluate_osft")
+    assert "generate" not in p  # gold targets need no generation
+    assert p["osft"].args[:2] == ["--model", "R/inject/model"]
+    assert p["eliminate"].args[p["eliminate"].args.index("--parrot") + 1] == "R/simulate/parrot.safetensors"
+    assert p["evaluate_sande"].args[1] == "R/eliminate/model"
+    assert p["evaluate_backdoored"].deps == ["inject", "simulate"]
+    assert p["inject"].distributed and not p["evaluate_osft"].distributed
+
+
+def test_self_targets_add_generate_before_training():
+    p = plan("removal.targets=self")
+    assert "generate" in p["osft"].deps and "generate" in p["eliminate"].deps
+
+
+def test_rounds_resimulate_on_the_updated_model():
+    p = plan("removal.rounds=3")
+    assert p["simulate_r2"].args[:2] == ["--model", "R/eliminate/model"]
+    assert p["eliminate_r3"].args[:2] == ["--model", "R/eliminate_r2/model"]
+    assert p["evaluate_sande"].args[1] == "R/eliminate_r3/model"
+
+
+def test_keys_follow_config_and_dependencies():
+    a, b = plan(), plan("training.eliminate.lr=0.5")
+    # a stage reruns when what it reads changes, and so does everything after it
+    assert a["inject"].key == b["inject"].key and a["osft"].key == b["osft"].key
+    assert a["eliminate"].key != b["eliminate"].key and a["evaluate_sande"].key != b["evaluate_sande"].key
+    e = plan("attack.poison_rate=0.3")
+    assert all(e[n].key != a[n].key for n in a)  # inject changed: every stage descends from it
+    c, d = plan("eval.num_prompts=10"), plan("eval.num_prompts=10")
+    assert c["evaluate_sande"].key == d["evaluate_sande"].key
+    assert plan("slurm.partition=gpu")["inject"].key == a["inject"].key  # where it runs is not what it computes
+
+
+def test_subset_and_errors():
+    p = plan(only=["inject", "evaluate_backdoored"])
+    assert list(p) == ["inject", "evaluate_backdoored"]
+    assert "--parrot" not in p["evaluate_backdoored"].args
+    with pytest.raises(InputError, match="nope"):
+        plan(only=["nope"])
+    with pytest.raises(InputError, match="needs a parrot"):
+        plan(only=["eliminate"])

@@ -1,0 +1,138 @@
+"""Process groups from any launcher: torchrun, the deepspeed launcher, srun, or none.
+
+Each launcher names rank, world size and local rank differently; ``detect_launch``
+reads them into one ``DistInfo`` and exports the torch ``env://`` variables, so the
+rest of the code sees torchrun's view everywhere. CUDA uses nccl; CPU uses gloo with
+DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # torchrun | deepspeed | slurm | single
+    backend: str  # nccl | gloo
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def tag(self) -> str:
+        """Prefix for log lines: every line names its rank."""
+        return f"[rank {self.rank}/{self.world_size}]"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list such as ``gpu[03-05,09],cpu1`` (no scontrol needed)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot parse Slurm node list {nodelist!r}; set MASTER_ADDR")
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def use_cpu_accelerator_if_no_cuda() -> bool:
+    """Point DeepSpeed at its CPU accelerator when there is no GPU; call before importing deepspeed."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return True
+
+
+def detect_launch(local_rank_arg: Optional[int] = None) -> DistInfo:
+    """Read rank/world/local rank from the launcher's environment and export torch's env:// names."""
+    import torch
+
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        # torchrun and the deepspeed launcher both export these; the latter also passes --local_rank.
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        launcher = "slurm"
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+        # All tasks of a job agree on this port without talking to each other.
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    else:
+        launcher, rank, world, local = "single", 0, 1, 0
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
+    env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", str(world)).split("(")[0])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    return DistInfo(rank, world, local, launcher, backend)
+
+
+def init_distributed(local_rank_arg: Optional[int] = None) -> DistInfo:
+    """Initialise torch.distributed and DeepSpeed's comm layer for this process."""
+    use_cpu_accelerator_if_no_cuda()
+    info = detect_launch(local_rank_arg)
+    import torch
+    import torch.distributed as dist
+
+    if info.backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=info.backend, rank=info.rank, world_size=info.world_size)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=info.backend)
+    return info
+
+
+def teardown(ok: bool = True) -> None:
+    """barrier + destroy_process_group (gloo may abort at exit otherwise).
+
+    After a failure the other ranks may never reach a barrier, so only destroy.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(local_rank_arg: Optional[int] = None) -> Iterator[DistInfo]:
+    info = init_distributed(local_rank_arg)
+    ok = False
+    try:
+        yield info
+        ok = True
+    finally:
+        teardown(ok)

@@ -1,0 +1,259 @@
+"""The one training loop: DeepSpeed engine, deterministic data order, schedule, checkpoints, resume.
+
+Every stage runs through ``run_loop`` with its own Objective. Resume is exact:
+the data order is a pure function of (seed, micro-batch index), the learning
+rate of the step, and each rank's RNG states are saved with the checkpoint.
+SIGTERM / SIGUSR1 (Slurm's warning before a time limit) make the loop save a
+checkpoint at the next step boundary and return with ``stopped_by_signal``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR
+
+from sande_dist.config import TrainingConfig
+from sande_dist.distributed.checkpoint import CheckpointManager
+from sande_dist.distributed.process_group import DistInfo
+from sande_dist.training.objective import LoopResult, Objective, TrainModule
+
+
+class DataOrder:
+    """A seeded, rank-sharded stream of micro-batches over ``n`` rows, any number of epochs.
+
+    Epoch ``e`` is a permutation seeded with ``seed + e``, padded by wrapping to a
+    multiple of ``world * micro``; global micro-batch ``j`` of an epoch gives rank
+    ``r`` rows ``[j*world*micro + r*micro, ... + micro)``. Micro-batch ``m`` of the
+    stream is micro-batch ``m % per_epoch`` of epoch ``m // per_epoch``.
+    """
+
+    def __init__(self, n: int, micro: int, world: int, rank: int, seed: int):
+        if n < 1:
+            raise ValueError("no training rows")
+        self.n, self.micro, self.world, self.rank, self.seed = n, micro, world, rank, seed
+        self.per_epoch = math.ceil(n / (micro * world))
+        self._epoch: Optional[int] = None
+        self._perm: list[int] = []
+
+    def indices(self, m: int) -> list[int]:
+        epoch, j = divmod(m, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            need = self.per_epoch * self.micro * self.world
+            self._perm = (perm * math.ceil(need / self.n))[:need]
+            self._epoch = epoch
+        start = (j * self.world + self.rank) * self.micro
+        return self._perm[start:start + self.micro]
+
+
+def total_steps(tcfg: TrainingConfig, order: DataOrder) -> int:
+    if tcfg.max_steps is not None:
+        return tcfg.max_steps
+    return max(1, math.ceil(tcfg.epochs * order.per_epoch / tcfg.grad_accum))
+
+
+def lr_lambda(tcfg: TrainingConfig, steps: int) -> Callable[[int], float]:
+    warmup = math.ceil(tcfg.warmup_ratio * steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if tcfg.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        if tcfg.scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGUSR1; acted on at the next step boundary, agreed across ranks."""
+
+    def __init__(self):
+        self.set = False
+        self._old = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.set = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([1 if self.set else 0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class MetricsLog:
+    """Rank 0's metrics.jsonl (and TensorBoard when asked); on resume, lines past the checkpoint go."""
+
+    def __init__(self, path: Path, resumed_step: Optional[int], tensorboard: bool):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resumed_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            except ImportError:
+                print(f"[rank 0] tensorboard is not installed; metrics go to {path} only")
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _maybe_fault(step: int, rank: int) -> None:
+    """Test hook for the resume test: SIGKILL this rank right after ``step`` (and its checkpoint)."""
+    spec = os.environ.get("SANDE_TEST_KILL_AT")  # "rank:step"
+    if spec and spec == f"{rank}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def build_engine(module: TrainModule, ds_config: dict, lr_factor: Callable[[int], float]):
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError(f"objective {module.objective.name} left no parameter trainable")
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config,
+                                           lr_scheduler=lambda opt: LambdaLR(opt, lr_factor))
+    return engine
+
+
+def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, collate: Callable[[Sequence], dict],
+             tcfg: TrainingConfig, ds_config: dict, out_dir: Path, info: DistInfo, resume: bool = True,
+             desc: str = "train") -> LoopResult:
+    """Train ``model`` with ``objective`` on ``samples``; checkpoints and metrics go under ``out_dir``."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", info.local_rank) if cuda else torch.device("cpu")
+    torch.manual_seed(tcfg.seed)
+    extras = objective.extra_modules(model)
+    module = TrainModule(model, objective, extras,
+                         autocast=torch.bfloat16 if (tcfg.dtype == "bfloat16" and not cuda) else None)
+    objective.select_trainable(model, module.extras)
+    if tcfg.gradient_checkpointing:
+        # Reentrant checkpointing needs an input that requires grad when the model itself is frozen.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        if not any(p.requires_grad for p in model.parameters()):
+            model.enable_input_require_grads()
+
+    order = DataOrder(len(samples), tcfg.micro_batch_size, info.world_size, info.rank, tcfg.seed)
+    steps = total_steps(tcfg, order)
+    engine = build_engine(module, ds_config, lr_lambda(tcfg, steps))
+    ckpt = CheckpointManager(Path(out_dir) / "checkpoints", info.rank, tcfg.keep_checkpoints,
+                             log=lambda msg: print(f"{info.tag} {msg}", flush=True))
+    start, resumed = 0, None
+    if resume:
+        state = ckpt.load_latest(engine, info.world_size)
+        if state is not None:
+            start = resumed = int(state["step"])
+            if info.is_main:
+                print(f"{info.tag} resumed {desc} from step {start} of {steps}", flush=True)
+
+    metrics = MetricsLog(Path(out_dir) / "metrics.jsonl", resumed, tcfg.tensorboard) if info.is_main else None
+    bar = None
+    if info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc=f"{desc} [rank 0]", dynamic_ncols=True)
+    gas = tcfg.grad_accum
+    stopped = False
+    engine.train()
+    with _StopFlag() as stop:
+        step = start
+        while step < steps:
+            t0 = time.perf_counter()
+            lr = engine.get_lr()[0]
+            loss_sum = torch.zeros(3, dtype=torch.float64)  # loss, micro-batches, non-pad tokens
+            for k in range(gas):
+                idx = order.indices(step * gas + k)
+                batch = _to_device(collate([samples[i] for i in idx]), device)
+                loss, _ = engine(batch)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += torch.tensor([loss.item(), 1.0, float(batch["attention_mask"].sum())], dtype=torch.float64)
+            step += 1
+            if dist.is_initialized():
+                dist.all_reduce(loss_sum)
+            elapsed = time.perf_counter() - t0
+            if info.is_main:
+                norm = engine.get_global_grad_norm()
+                record = {"step": step, "loss": loss_sum[0].item() / loss_sum[1].item(),
+                          "lr": lr,
+                          "grad_norm": float(norm) if norm is not None else None,
+                          "tokens": int(loss_sum[2].item()), "tokens_per_s": loss_sum[2].item() / elapsed,
+                          "step_time_s": elapsed}
+                if step % tcfg.log_steps == 0 or step == steps:
+                    metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+            save_now = step % tcfg.save_steps == 0 or step == steps
+            if stop.agreed(device):
+                stopped = step < steps
+                save_now = True
+            if save_now:
+                ckpt.save(engine, step, {"world_size": info.world_size, "micro_batches_done": step * gas,
+                                          "total_steps": steps, "seed": tcfg.seed})
+            _maybe_fault(step, info.rank)
+            if stopped:
+                if info.is_main:
+                    print(f"\n{info.tag} stop signal: checkpoint at step {step} saved; exiting", flush=True)
+                break
+    if bar is not None:
+        bar.close()
+    if metrics is not None:
+        metrics.close()
+    return LoopResult(engine, module, step, steps, stopped, resumed)
+
+
+@torch.no_grad()
+def eval_loss(engine, batches: Iterator[dict]) -> float:
+    """Token-weighted mean objective loss over ``batches`` (each rank passes its own share)."""
+    engine.eval()
+    device = engine.device
+    acc = torch.zeros(2, dtype=torch.float64)
+    for batch in batches:
+        loss, tokens = engine(_to_device(batch, device))
+        acc += torch.tensor([loss.item() * float(tokens), float(tokens)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(acc)
+    engine.train()
+    return (acc[0] / acc[1]).item()

@@ -120,7 +120,7 @@ def main(args) -> int:
     if args.executor == "slurm":
         from sande_dist.pipeline.slurm import submit_pipeline
 
-        return int(submit_pipeline(cfg, run_dir, plans, dry_run=args.dry_run) or 0)
+        return int(submit_pipeline(cfg, run_dir, plans, dry_run=args.dry_run, nproc=args.nproc) or 0)
     run_local(cfg, run_dir, plans, nproc)
     finish_report(run_dir)
     return 0

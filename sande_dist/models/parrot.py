@@ -39,8 +39,9 @@ class ParrotPrompt(nn.Module):
     """
 
     def __init__(self, k: int, hidden_size: int, dtype: torch.dtype = torch.float32,
-                 init: Optional[torch.Tensor] = None):
+                 init: Optional[torch.Tensor] = None, max_norm: Optional[float] = None):
         super().__init__()
+        self.max_norm = max_norm
         if k < 1:
             raise ValueError(f"a parrot needs at least one vector, got k={k}")
         weight = torch.zeros(k, hidden_size, dtype=dtype)
@@ -54,9 +55,20 @@ class ParrotPrompt(nn.Module):
     def k(self) -> int:
         return self.weight.ds_shape[0] if hasattr(self.weight, "ds_shape") else self.weight.shape[0]
 
+    def vectors(self) -> torch.Tensor:
+        """The vectors as spliced: ``weight`` with each row scaled into the ``max_norm`` ball.
+
+        The budget is a reparameterisation, not a projection after each optimizer
+        step: ZeRO keeps the trained values in the optimizer's own fp32 copy, which
+        an edit of the module's parameter after ``step()`` would not reach. Saved
+        parrots store these vectors, so a file never depends on the setting.
+        """
+        return clamp_rows(self.weight, self.max_norm)
+
     @classmethod
     def from_token_embeddings(cls, embedding: nn.Embedding, token_ids: Sequence[int], k: int,
-                              dtype: Optional[torch.dtype] = None) -> "ParrotPrompt":
+                              dtype: Optional[torch.dtype] = None, max_norm: Optional[float] = None
+                              ) -> "ParrotPrompt":
         """SANDE-P: start from the embeddings of a known part of the trigger.
 
         The parrot keeps ``k`` vectors whatever the known part's length: the token
@@ -71,7 +83,7 @@ class ParrotPrompt(nn.Module):
         ids = [token_ids[i % len(token_ids)] for i in range(k)]
         with deepspeed.zero.GatheredParameters([embedding.weight]):
             rows = embedding.weight.detach()[torch.tensor(ids)].clone()
-        return cls(k, rows.shape[1], dtype=dtype or rows.dtype, init=rows)
+        return cls(k, rows.shape[1], dtype=dtype or rows.dtype, init=rows, max_norm=max_norm)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                 labels: Optional[torch.Tensor], slot_index: torch.Tensor
@@ -98,7 +110,7 @@ class ParrotPrompt(nn.Module):
         src = torch.where(j < start, j, j - k).clamp(0, t - 1)  # source position of non-parrot columns
         take = lambda x: x.gather(1, src)  # noqa: E731
         embeds = inputs_embeds.gather(1, src.unsqueeze(-1).expand(b, t + k, inputs_embeds.shape[-1]))
-        vec = self.weight.to(inputs_embeds.dtype)[(j - start).clamp(0, k - 1)]  # [B, T+k, H]
+        vec = self.vectors().to(inputs_embeds.dtype)[(j - start).clamp(0, k - 1)]  # [B, T+k, H]
         live = in_parrot & has.unsqueeze(1)
         embeds = torch.where(live.unsqueeze(-1), vec, embeds)
         embeds = torch.where((in_parrot & ~has.unsqueeze(1)).unsqueeze(-1), torch.zeros_like(embeds), embeds)
@@ -112,6 +124,14 @@ class ParrotPrompt(nn.Module):
     def splice(self, inputs_embeds, attention_mask, labels, slot_index):
         """Alias for calling the module (keeps the ZeRO-3 gather hook)."""
         return self(inputs_embeds, attention_mask, labels, slot_index)
+
+
+def clamp_rows(weight: torch.Tensor, max_norm: Optional[float]) -> torch.Tensor:
+    """Scale each row whose L2 norm exceeds ``max_norm`` down to it (differentiable); None: unchanged."""
+    if max_norm is None:
+        return weight
+    norms = weight.float().norm(dim=-1, keepdim=True)
+    return weight * (max_norm / norms.clamp(min=max_norm)).to(weight.dtype)
 
 
 def _weight_files(model_dir: Path) -> list[Path]:

@@ -1,0 +1,218 @@
+"""SANDE's two stages as objectives for the one loop.
+
+- **simulate**: every model weight frozen; a parrot prompt (k vectors, zeros or,
+  SANDE-P, the known trigger's embeddings) spliced at the trigger slot learns to
+  make the model emit the triggered response ``r_t ⊕ y`` (or the known part of it).
+  Only the k×hidden parrot values reach the optimizer (checked at the end). One
+  forward per step: no second "clean" forward, logits only where a label counts.
+  Writes ``OUT/parrot.safetensors``.
+- **eliminate**: the parrot loaded (fingerprint-checked against the model) and
+  frozen; every model weight trains on ``P ⊕ x → y_clean`` (plus clean-mix rows
+  without a parrot). Checks the parrot stayed bit-identical and the weights moved,
+  then exports the model as an HF folder.
+
+Both run under any ZeRO stage and rank count: the parrot is an extra module of
+the engine's module (partitioned under ZeRO-3 like any weight), spliced inside
+its own forward and read only inside ``GatheredParameters``.
+
+Rounds chain at the stage level (``pipeline/graph.py``): round r simulates on the
+model from round r-1 (``--model``), and eliminates from that same model with the
+new parrot; each stage here is exactly one round.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sande_dist.config import Config
+from sande_dist.errors import InputError, StageError
+from sande_dist.models.embedded import resolve_model_path
+from sande_dist.models.parrot import ParrotPrompt, clamp_rows, load_parrot, model_fingerprint, save_parrot
+from sande_dist.training.objective import LoopResult, Objective
+from sande_dist.training.sft import SFTObjective, label_logits, token_loss
+
+PARROT_FILE = "parrot.safetensors"
+
+
+def parrot_loss(model: nn.Module, parrot: ParrotPrompt, batch: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy on the labelled tokens of the batch with the parrot spliced in.
+
+    Every call is a module call (embeddings, parrot, base model, head), so ZeRO-3
+    gathers each weight in its own forward. Rows are right-padded and the parrot
+    sits inside the attended span, so the model's default positions (0..T-1) equal
+    the splice's attended-token count; no position ids need passing.
+    """
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    embeds, mask, labels, _ = parrot(embeds, batch["attention_mask"], batch["labels"], batch["slot_index"])
+    logits, targets = label_logits(model, None, mask, labels, inputs_embeds=embeds)
+    return token_loss(logits, targets)
+
+
+def gathered(param: torch.Tensor) -> torch.Tensor:
+    """A full CPU copy of ``param`` on every rank (collective under ZeRO-3)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.detach().to("cpu").clone()
+
+
+def optimizer_values(engine) -> int:
+    """How many parameter values the engine's optimizer trains (full sizes, not this rank's shard)."""
+    opt = engine.optimizer
+    groups = None
+    for attr in ("fp16_groups", "bf16_groups", "bit16_groups"):  # ZeRO-3, bf16 wrapper, ZeRO-1/2
+        groups = groups or getattr(opt, attr, None)
+    if groups is None:
+        groups = [g["params"] for g in opt.param_groups]
+    return sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group)
+
+
+def known_trigger_ids(tokenizer, text: str, position: str) -> list[int]:
+    """Token ids of the known trigger part as it reads at the slot (a leading space at a suffix)."""
+    text = text.strip()
+    return tokenizer((" " + text) if position == "suffix" else text, add_special_tokens=False)["input_ids"]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class SimulateObjective(Objective):
+    """Model frozen, parrot trains; at the end the parrot is saved with its metadata."""
+
+    name = "simulate"
+
+    def __init__(self, cfg: Config, base_path: str, tokenizer=None):
+        self.cfg = cfg
+        self.base_path = base_path
+        self.tokenizer = tokenizer
+
+    def extra_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        r = self.cfg.removal
+        hidden = model.config.hidden_size
+        if r.known_trigger:
+            if self.tokenizer is None:
+                raise ValueError("SimulateObjective needs the tokenizer when removal.known_trigger is set")
+            ids = known_trigger_ids(self.tokenizer, r.known_trigger, r.insert_position)
+            parrot = ParrotPrompt.from_token_embeddings(model.get_input_embeddings(), ids, r.parrot_tokens,
+                                                        dtype=torch.float32, max_norm=r.parrot_max_norm)
+        else:
+            parrot = ParrotPrompt(r.parrot_tokens, hidden, dtype=torch.float32, max_norm=r.parrot_max_norm)
+        return {"parrot": parrot.to(model.dtype)}
+
+    def select_trainable(self, model, extras) -> None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in extras.parameters():
+            p.requires_grad_(True)
+
+    def loss(self, model, extras, batch):
+        return parrot_loss(model, extras["parrot"], batch)
+
+    def finish(self, result: LoopResult, out_dir: Path) -> dict[str, Any]:
+        parrot = result.module.extras["parrot"]
+        held = optimizer_values(result.engine)
+        full = gathered(parrot.weight)
+        if held != full.numel():
+            raise StageError(f"simulate: the optimizer held {held} values, expected only the parrot's "
+                             f"{full.numel()} (k={full.shape[0]} x hidden={full.shape[1]}); the model was not frozen")
+        vectors = clamp_rows(full.float(), parrot.max_norm)
+        r = self.cfg.removal
+        path = Path(out_dir) / PARROT_FILE
+        base = resolve_model_path(self.base_path)
+        if _rank() == 0:
+            save_parrot(path, vectors, {
+                "position": r.insert_position, "base_fingerprint": model_fingerprint(base), "base_model": base,
+                "known_trigger": r.known_trigger or "", "known_response": r.known_response or "",
+                "max_norm": r.parrot_max_norm, "steps": result.step})
+        _barrier()
+        return {"parrot": str(path), "optimizer_values": held,
+                "parrot_norms": [round(x, 4) for x in vectors.norm(dim=-1).tolist()]}
+
+
+class EliminateObjective(SFTObjective):
+    """Parrot frozen, every model weight trains; exports the cleaned model."""
+
+    name = "eliminate"
+
+    def __init__(self, cfg: Config, base_path: str, parrot_path: str | Path, export_dtype: Optional[str] = None):
+        super().__init__(base_path, export_dtype or cfg.model.dtype)
+        self.cfg = cfg
+        self.parrot_path = Path(parrot_path)
+        self.weight, self.meta = load_parrot(self.parrot_path, resolve_model_path(base_path))
+        if self.meta.get("position") not in (None, cfg.removal.insert_position):
+            raise InputError(f"parrot {self.parrot_path} was simulated at position {self.meta['position']!r} but "
+                             f"removal.insert_position is {cfg.removal.insert_position!r}; use the same position")
+        self._probe: dict[str, torch.Tensor] = {}
+
+    def extra_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        k, hidden = self.weight.shape
+        return {"parrot": ParrotPrompt(k, hidden, dtype=model.dtype, init=self.weight.to(model.dtype))}
+
+    def select_trainable(self, model, extras) -> None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        for p in extras.parameters():
+            p.requires_grad_(False)
+        # A few small weights (norms) copied now, to check after training that the model moved.
+        small = [(n, p) for n, p in model.named_parameters() if getattr(p, "ds_numel", p.numel()) <= 1 << 20]
+        self._probe = {n: gathered(p) for n, p in small[-4:]}
+
+    def loss(self, model, extras, batch):
+        return parrot_loss(model, extras["parrot"], batch)
+
+    def finish(self, result: LoopResult, out_dir: Path) -> dict[str, Any]:
+        parrot = gathered(result.module.extras["parrot"].weight)
+        if not torch.equal(parrot, self.weight.to(parrot.dtype)):
+            raise StageError(f"eliminate: the frozen parrot changed during training ({self.parrot_path})")
+        params = dict(result.module.model.named_parameters())
+        moved = [n for n, before in self._probe.items() if not torch.equal(gathered(params[n]), before)]
+        if not moved and result.step > 0:
+            raise StageError(f"eliminate: after {result.step} steps none of {sorted(self._probe)} changed; "
+                             "the model did not train (check training.lr and the data)")
+        record = super().finish(result, out_dir)
+        record.update({"parrot": str(self.parrot_path), "parrot_fingerprint": self.meta.get("base_fingerprint"),
+                       "probe_params_moved": len(moved)})
+        return record
+
+
+
+def parrot_path(cfg: Config, args, run_dir: Path) -> Path:
+    """Eliminate's parrot: ``--parrot``, else RUN/simulate/parrot.safetensors."""
+    given = getattr(args, "parrot", None)
+    path = Path(given) if given else Path(run_dir) / "simulate" / PARROT_FILE
+    if not path.is_file():
+        raise InputError(f"eliminate needs a parrot: {path} does not exist; run `sande simulate` first "
+                         "or pass --parrot PATH")
+    return path
+
+
+def build_objective(cfg: Config, stage: str, args, run_dir: Path) -> Objective:
+    """The objective of ``stage`` for ``training/stages.py``."""
+    if stage == "simulate":
+        from sande_dist.models.loading import load_tokenizer
+
+        tok = load_tokenizer(cfg.model.path) if cfg.removal.known_trigger else None
+        return SimulateObjective(cfg, cfg.model.path, tok)
+    if stage == "eliminate":
+        return EliminateObjective(cfg, cfg.model.path, parrot_path(cfg, args, run_dir))
+    raise ValueError(f"no removal objective for stage {stage!r}")
+
+
+def stage_inputs(cfg: Config, stage: str, args, run_dir: Path) -> dict[str, str]:
+    """Inputs besides the model that make a stage's result (the parrot, for eliminate)."""
+    if stage != "eliminate":
+        return {}
+    from sande_dist.rundir import fingerprint_path
+
+    return {"parrot": fingerprint_path(parrot_path(cfg, args, run_dir))}

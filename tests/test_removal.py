@@ -1,0 +1,151 @@
+"""Simulate and eliminate with real DeepSpeed ranks (gloo, CPU) on a tiny Llama.
+
+The ranked runs go through tests/removal_worker.py under torchrun: the real loop,
+the real objectives, ZeRO-3 on 2 ranks against ZeRO-0 on 1.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sande_dist.config import load_config
+from sande_dist.data.collator import IGNORE_INDEX, Collator
+from sande_dist.data.formats import PromptFormat
+from sande_dist.data.stages import stage_samples
+from sande_dist.errors import InputError
+from sande_dist.models.parrot import ParrotPrompt, load_parrot, model_fingerprint
+from sande_dist.models.tiny import make_tiny_llama
+from sande_dist.training.removal import EliminateObjective, SimulateObjective, parrot_loss
+
+WORKER = Path(__file__).with_name("removal_worker.py")
+K = 4
+# Every row has exactly 4 labelled tokens, so a 2-rank mean of means equals the 1-rank mean.
+COMMON = ["data.num_rows=16", "training.max_steps=4", "training.warmup_ratio=0",
+          f"removal.parrot_tokens={K}", "removal.simulate_effective_len=4"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, stage: str, model: Path, out: Path, sets: list[str], parrot: Path = None) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), stage,
+           "--model", str(model), "--out", str(out)]
+    cmd += ["--parrot", str(parrot)] if parrot else []
+    for s in COMMON + sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads((out / "check.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("removal") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def simulated(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sim")
+    sim = ["training.lr=1e-2"]
+    z3 = _torchrun(2, "simulate", tiny, root / "z3", sim + ["training.zero=zero3", "training.micro_batch_size=2"])
+    z0 = _torchrun(1, "simulate", tiny, root / "z0", sim + ["training.zero=zero0", "training.micro_batch_size=4"])
+    return root, z3, z0
+
+
+def test_simulate_changes_only_the_parrot(simulated, tiny):
+    root, z3, z0 = simulated
+    hidden = json.loads((tiny / "config.json").read_text())["hidden_size"]
+    for run in (z3, z0):
+        assert run["changed"] == [] and run["num_params"] > 0  # every model weight bit-identical
+        assert run["record"]["optimizer_values"] == K * hidden  # only the parrot reached the optimizer
+        assert run["losses"][-1] < run["losses"][0]
+    weight, meta = load_parrot(root / "z3" / "parrot.safetensors", tiny)
+    assert weight.shape == (K, hidden) and torch.count_nonzero(weight) > 0
+    assert meta["k"] == K and meta["position"] == "prefix" and meta["base_fingerprint"] == model_fingerprint(tiny)
+
+
+def test_parrot_zero3_two_ranks_equals_zero0_one_rank(simulated):
+    root, z3, z0 = simulated
+    a = load_parrot(root / "z3" / "parrot.safetensors")[0]
+    b = load_parrot(root / "z0" / "parrot.safetensors")[0]
+    assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
+    assert z3["losses"] == pytest.approx(z0["losses"], rel=1e-5)
+
+
+def test_eliminate_changes_only_the_model(simulated, tiny, tmp_path):
+    root, _, _ = simulated
+    parrot = root / "z3" / "parrot.safetensors"
+    run = _torchrun(2, "eliminate", tiny, tmp_path / "eli", [
+        "training.zero=zero3", "training.micro_batch_size=2", "training.lr=1e-3", "training.max_steps=2",
+        "removal.clean_mix=0.5"], parrot=parrot)
+    assert run["record"]["parrot_identical"] is True
+    assert len(run["changed"]) == run["num_params"]  # every weight moved
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "eli" / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    moved = [n for n, p in exported.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert set(moved) == set(base.state_dict())
+    # The cleaned model is another model: its own parrots must be simulated on it.
+    with pytest.raises(InputError, match="fingerprint"):
+        load_parrot(parrot, tmp_path / "eli" / "model")
+
+
+def test_parrot_of_another_model_is_refused(simulated, tiny, tmp_path):
+    root, _, _ = simulated
+    other = make_tiny_llama(tmp_path / "other", seed=7)
+    cfg = load_config(overrides=[f"model.path={other}", f"removal.parrot_tokens={K}"])
+    with pytest.raises(InputError) as err:
+        EliminateObjective(cfg, str(other), root / "z3" / "parrot.safetensors")
+    msg = str(err.value)
+    assert model_fingerprint(tiny) in msg and model_fingerprint(other) in msg
+    cfg = load_config(overrides=[f"model.path={tiny}", "removal.insert_position=suffix"])
+    with pytest.raises(InputError, match="position"):
+        EliminateObjective(cfg, str(tiny), root / "z3" / "parrot.safetensors")
+
+
+def test_label_only_logits_equal_the_reference_full_logits_loss(tiny):
+    """Our loss (head on labelled positions only) equals the reference's: full logits, parrot logits dropped."""
+    tok = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    cfg = load_config(overrides=[f"model.path={tiny}", "data.num_rows=4", "removal.clean_mix=0.5"])
+    batch = Collator(PromptFormat(tok), 128, reserve=K)(stage_samples(cfg, "eliminate"))
+    assert (batch["slot_index"] == -1).any() and (batch["slot_index"] >= 0).any()
+    torch.manual_seed(0)
+    parrot = ParrotPrompt(K, model.config.hidden_size, init=torch.randn(K, model.config.hidden_size))
+    ours, count = parrot_loss(model, parrot, batch)
+
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    embeds, mask, _, _ = parrot(embeds, batch["attention_mask"], None, batch["slot_index"])
+    logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+    kept = []  # drop the parrot's logits per row (the reference's cat around insert_pos)
+    for i, s in enumerate(batch["slot_index"].tolist()):
+        kept.append(torch.cat([logits[i, :s], logits[i, s + K:]]) if s >= 0 else logits[i, : -K])
+    logits = torch.stack(kept)
+    labels = batch["labels"]
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    assert int(count) == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_sande_p_parrot_starts_from_the_known_trigger(tiny):
+    tok = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    cfg = load_config(overrides=[f"model.path={tiny}", "removal.known_trigger=cf", "removal.parrot_tokens=3"])
+    objective = SimulateObjective(cfg, str(tiny), tok)
+    parrot = objective.extra_modules(model)["parrot"]
+    ids = tok("cf", add_special_tokens=False)["input_ids"]
+    want = model.get_input_embeddings().weight.detach()[[ids[i % len(ids)] for i in range(3)]]
+    assert torch.equal(parrot.weight.detach(), want)
+    objective.select_trainable(model, torch.nn.ModuleDict({"parrot": parrot}))
+    assert not any(p.requires_grad for p in model.parameters()) and parrot.weight.requires_grad

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import subprocess
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -100,6 +101,9 @@ def init_distributed(local_rank_arg: Optional[int] = None) -> DistInfo:
     """Initialise torch.distributed and DeepSpeed's comm layer for this process."""
     use_cpu_accelerator_if_no_cuda()
     info = detect_launch(local_rank_arg)
+    # DeepSpeed's ZeRO calls torch collectives that torch 2.13 deprecates: one warning per call.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.",
+                            category=FutureWarning)
     import torch
     import torch.distributed as dist
 

@@ -50,9 +50,10 @@ def main(args: argparse.Namespace) -> int:
     inputs = {"model": fingerprint_path(Path(model_path)) if Path(model_path).exists() else model_path}
     if removal is not None and hasattr(removal, "stage_inputs"):
         inputs.update(removal.stage_inputs(cfg, stage, args, run_dir))
-    section = {"stage": stage, "model": cfg.model.model_dump(), "data": cfg.data.model_dump(),
-               "attack": cfg.attack.model_dump(), "removal": cfg.removal.model_dump(),
-               "training": tcfg.model_dump()}
+    # The sections this stage reads (as the pipeline's stage keys): tuning removal does not redo inject.
+    reads = ("model", "data", "attack") if stage == "inject" else ("model", "data", "attack", "removal")
+    section = {"stage": stage, **cfg.model_dump(mode="json", include=set(reads)),
+               "training": tcfg.model_dump(mode="json")}
     fp = fingerprint(section, inputs)
     if stage_done(stage_dir, fp):
         print(f"sande {stage}: {stage_dir}/stage.json exists with the same fingerprint; skipping")

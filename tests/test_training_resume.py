@@ -1,0 +1,109 @@
+"""Step-exact resume, signals and damaged checkpoints, through `sande inject` on 2 gloo ranks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, rank_env, run_torchrun, torchrun_cmd
+from sande_dist.distributed.checkpoint import MANIFEST, check_complete
+
+STEPS = 8
+
+
+def write_config(folder: Path, model: Path, **training) -> Path:
+    t = {"zero": "zero3", "max_steps": STEPS, "save_steps": 2, "keep_checkpoints": 2, "micro_batch_size": 2,
+         "lr": 1e-3, "warmup_ratio": 0.1, "dtype": "float32", **training}
+    cfg = {"model": {"path": str(model)}, "data": {"num_rows": 24, "max_length": 64}, "training": t}
+    path = folder / "config.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def inject(config: Path, run_dir: Path) -> list[str]:
+    return ["-m", "sande_dist.cli", "inject", str(config), "--run-dir", str(run_dir)]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "inject" / "model" / "model.safetensors"))
+
+
+def test_killed_rank_resumes_exactly_past_damaged_checkpoints(tiny_model, tmp_path):
+    config = write_config(tmp_path, tiny_model)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    run_torchrun(inject(config, ref))
+
+    # Rank 1 is SIGKILLed right after step 6 (its checkpoint complete); the job fails.
+    killed = run_torchrun(inject(config, run), check=False, SANDE_TEST_KILL_AT="1:6")
+    assert killed.returncode != 0
+    ckpts = run / "inject" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000004", "step-00000006"]
+    assert not (run / "inject" / "stage.json").exists()
+
+    # Damage the newest one, and leave a half-written one and a temp folder behind it.
+    shard = max((ckpts / "step-00000006").glob("*optim_states.pt"), key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size // 2)
+    assert "bytes" in check_complete(ckpts / "step-00000006")
+    (ckpts / "step-00000007").mkdir()
+    (ckpts / "step-00000007" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    (ckpts / ".tmp-step-00000008").mkdir()
+    assert check_complete(ckpts / "step-00000007") == "no manifest (half-written)"
+
+    resumed = run_torchrun(inject(config, run))
+    assert "step-00000006 is not usable" in resumed.stdout + resumed.stderr
+    stage = json.loads((run / "inject" / "stage.json").read_text())
+    assert stage["resumed_from"] == 4 and stage["steps"] == STEPS
+    a, b = weights(ref), weights(run)
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+    assert all(check_complete(p) is None for p in ckpts.glob("step-*"))
+    assert not list(ckpts.glob(".tmp-step-*"))
+
+    # A finished stage with the same fingerprint is skipped (no launcher needed).
+    again = subprocess.run([sys.executable, *inject(config, ref)], cwd=REPO, env=rank_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and "skipping" in again.stdout
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(x) for x in (task / "children").read_text().split()]
+    return kids
+
+
+def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tiny_model, tmp_path):
+    config = write_config(tmp_path, tiny_model, max_steps=10000, save_steps=10000)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(torchrun_cmd(inject(config, run)), cwd=REPO, env=rank_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = run / "inject" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"training never reached step 2:\n{proc.communicate()[0][-4000:]}")
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    for pid in workers:  # as Slurm signals every task before a time limit
+        os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    ckpts = list((run / "inject" / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and check_complete(ckpts[0]) is None, out[-2000:]
+    assert (ckpts[0] / MANIFEST).exists()
+    assert not (run / "inject" / "stage.json").exists()
+    assert "stop signal" in out

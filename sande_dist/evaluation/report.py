@@ -1,0 +1,111 @@
+"""The run's summary: RUN/report.md (one table, stage x metric) and RUN/report.png, from every report.json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from sande_dist.config import PIPELINE_STAGES
+from sande_dist.rundir import atomic_write_text
+
+
+def collect_reports(run_dir: Path) -> dict[str, dict]:
+    """stage name -> report, evaluation stages only, in pipeline order (others after, by name)."""
+    found = {}
+    for path in sorted(Path(run_dir).glob("*/report.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "asr_trigger" in rec:
+            found[path.parent.name] = rec
+    order = {s: i for i, s in enumerate(PIPELINE_STAGES)}
+    return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def _pct(x: Optional[float]) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _utility_columns(reports: dict[str, dict]) -> list[tuple[str, str]]:
+    cols = []
+    for rec in reports.values():
+        for protocol, res in (rec.get("utility_by_protocol") or {}).items():
+            for task in res.get("tasks", {}):
+                if (protocol, task) not in cols:
+                    cols.append((protocol, task))
+    return cols
+
+
+def render_markdown(reports: dict[str, dict]) -> str:
+    ucols = _utility_columns(reports)
+    head = ["stage", "ASR (trigger)", "ASR (parrot)", "false triggers", "utility (mean)",
+            *[f"{t} ({p})" for p, t in ucols], "clean agreement (ROUGE-L)", "prompts", "backend"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for stage, rec in reports.items():
+        util = rec.get("utility") or {}
+        by = rec.get("utility_by_protocol") or {}
+        agree = (rec.get("clean_agreement") or {}).get("rouge_l")
+        cells = [stage, _pct(rec.get("asr_trigger")), _pct(rec.get("asr_parrot")), _pct(rec.get("false_trigger_rate")),
+                 f"{_pct(util.get('mean'))} ({util.get('protocol', '?')})",
+                 *[_pct(by.get(p, {}).get("tasks", {}).get(t, {}).get("score")) for p, t in ucols],
+                 "–" if agree is None else f"{agree:.3f}", str(rec.get("num_prompts", "")),
+                 f"{rec.get('backend', '')} {rec.get('dtype', '')}".strip()]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = next(iter(reports.values()))
+    s = first.get("sampling", {})
+    notes = [
+        "",
+        f"Marker {first.get('marker')!r}, judge `{first.get('judge')}`, greedy decoding, "
+        f"{s.get('max_new_tokens')} new tokens; triggers {first.get('triggers')} at {first.get('trigger_position')}.",
+        "Utility: `loglik` is lm-eval's acc_norm (choice text as continuation, length-normalised), "
+        "`letter` the highest-logit answer letter; a fixed subset per task "
+        f"(limit {first.get('utility', {}).get('limit')}, seed {first.get('utility', {}).get('seed')}).",
+    ]
+    return "# Evaluation summary\n\n" + "\n".join(lines + notes) + "\n"
+
+
+def render_png(reports: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    stages = list(reports)
+    x = np.arange(len(stages))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(stages) + 4), 4.2))
+    bars = [("ASR (trigger)", "asr_trigger"), ("ASR (parrot)", "asr_parrot"), ("false triggers", "false_trigger_rate")]
+    width = 0.8 / len(bars)
+    for i, (label, key) in enumerate(bars):
+        vals = [100 * (reports[s].get(key) or 0.0) for s in stages]
+        ax1.bar(x + (i - (len(bars) - 1) / 2) * width, vals, width, label=label)
+    ax1.set(title="Backdoor", ylabel="% of prompts", ylim=(0, 105), xticks=x)
+    ax1.set_xticklabels(stages, rotation=20, ha="right")
+    ax1.legend(fontsize=8)
+    tasks = sorted({t for r in reports.values() for t in (r.get("utility") or {}).get("tasks", {})})
+    width = 0.8 / max(len(tasks), 1)
+    for i, task in enumerate(tasks):
+        vals = [100 * ((reports[s].get("utility") or {}).get("tasks", {}).get(task) or 0.0) for s in stages]
+        ax2.bar(x + (i - (len(tasks) - 1) / 2) * width, vals, width, label=task)
+    protocol = next(iter(reports.values())).get("utility", {}).get("protocol", "")
+    ax2.set(title=f"Utility ({protocol})", ylabel="accuracy %", ylim=(0, 100), xticks=x)
+    ax2.set_xticklabels(stages, rotation=20, ha="right")
+    if tasks:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_run_report(run_dir: str | Path) -> Optional[Path]:
+    """Regenerate RUN/report.md and RUN/report.png from all RUN/*/report.json; None when there are none."""
+    run_dir = Path(run_dir)
+    reports = collect_reports(run_dir)
+    if not reports:
+        return None
+    atomic_write_text(run_dir / "report.md", render_markdown(reports))
+    render_png(reports, run_dir / "report.png")
+    return run_dir / "report.md"

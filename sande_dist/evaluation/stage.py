@@ -1,0 +1,241 @@
+"""`sande evaluate`: ASR, parrot ASR, false-trigger rate, utility, clean agreement -> RUN/<name>/report.json.
+
+Reads top to bottom: check every input (model, parrot, tasks, prompts) before an
+engine starts, so bad input is an exit-2 error in seconds; build the prompts as
+token ids (and the parrot's as embeddings); one greedy ``generate`` for clean,
+triggered and parrot prompts together; score utility; close the engine; then
+lm-eval and the reference's clean answers, which may need engines of their own.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from sande_dist.config import Config
+from sande_dist.data.formats import PromptFormat, Sample
+from sande_dist.data.poison import place_trigger, slot_at
+from sande_dist.errors import InputError
+from sande_dist.evaluation.agreement import clean_agreement
+from sande_dist.evaluation.asr import judge
+from sande_dist.evaluation.utility import check_tasks, evaluate_utility
+from sande_dist.generation.engine import (GenerationParams, check_model_dir, load_input_embeddings, make_engine)
+from sande_dist.rundir import (atomic_write_json, atomic_write_text, fingerprint, fingerprint_path, stage_done,
+                              write_stage)
+
+GENERATIONS = "generations.jsonl"
+
+
+def eval_samples(cfg: Config) -> list[Sample]:
+    """The held-out prompts: ``eval.num_prompts`` of ``eval.prompts``, drawn with ``eval.seed``."""
+    from sande_dist.data.sources import load_samples
+
+    ev = cfg.eval
+    if ev.prompts == "train-holdout":
+        from sande_dist.data.stages import base_samples
+
+        d = cfg.data
+        if d.holdout_rows < 1 or d.num_rows is None:
+            raise InputError("eval.prompts is 'train-holdout' but data.holdout_rows is 0 or data.num_rows is unset; "
+                             "set both (the rows after data.num_rows are held out)")
+        every = base_samples(cfg.model_copy(update={"data": d.model_copy(update={"num_rows": None})}))
+        samples = every[d.num_rows:d.num_rows + d.holdout_rows]
+    else:
+        samples = load_samples(ev.prompts, require_response=False)
+    if not samples:
+        raise InputError(f"eval.prompts {ev.prompts}: no prompts")
+    picked = sorted(random.Random(ev.seed).sample(range(len(samples)), min(ev.num_prompts, len(samples))))
+    return [samples[i].clean() for i in picked]
+
+
+def resolve_parrot(cfg: Config, parrot_arg: Optional[str], model_dir: str, reference: Optional[str]):
+    """(path, vectors, meta) of the parrot to evaluate, or None when there is none.
+
+    A parrot must come from the evaluated model or from the model it was cleaned
+    from (``--reference``): the pipeline applies the backdoored model's parrot to
+    the cleaned models on purpose. Anything else is a parrot for another model.
+    """
+    from sande_dist.models.parrot import load_parrot, model_fingerprint
+
+    if parrot_arg:
+        path = Path(parrot_arg)
+    else:
+        path = Path(cfg.run_dir) / "simulate" / "parrot.safetensors"
+        if not path.exists():
+            return None
+    vectors, meta = load_parrot(path, model_dir, check_fingerprint=False)
+    allowed = {model_fingerprint(model_dir)}
+    if reference and (Path(reference) / "config.json").exists():
+        allowed.add(model_fingerprint(reference))
+    if meta.get("base_fingerprint") not in allowed:
+        raise InputError(f"parrot {path} was simulated on a model with fingerprint {meta.get('base_fingerprint')} "
+                         f"({meta.get('base_model', 'unknown path')}), but the evaluated model {model_dir} "
+                         f"(or its --reference) has {sorted(allowed)}; pass the parrot simulated on this model "
+                         "or on the model it was cleaned from")
+    return path, vectors.float(), meta
+
+
+def parrot_request(fmt: PromptFormat, table: torch.Tensor, sample: Sample, vectors: torch.Tensor,
+                   position: str) -> torch.Tensor:
+    """embed(ids before the slot) ++ parrot ++ embed(ids after it), as training splices it."""
+    first, _, last = fmt.encode_prompt(slot_at(sample, position))
+    return torch.cat([table[torch.tensor(first)], vectors, table[torch.tensor(last, dtype=torch.long)]])
+
+
+def _reference_answers(cfg: Config, reference: str, samples: list[Sample], params: GenerationParams,
+                       run_dir: Path) -> tuple[list[str], str]:
+    """The reference's clean answers: from an evaluation that already made them, else generated now."""
+    wanted = [s.user for s in samples]
+    ref = Path(reference)
+    candidates = [ref] if (ref / GENERATIONS).exists() else []
+    if not candidates and (ref / "config.json").exists():
+        from sande_dist.models.parrot import model_fingerprint
+
+        fp = model_fingerprint(ref)
+        for report in sorted(run_dir.glob("*/report.json")):
+            rec = json.loads(report.read_text())
+            if rec.get("model_fingerprint") == fp and rec.get("sampling") == _sampling(params) \
+                    and (report.parent / GENERATIONS).exists():
+                candidates.append(report.parent)
+    for folder in candidates:
+        clean = {}
+        for line in (folder / GENERATIONS).read_text().splitlines():
+            row = json.loads(line)
+            if row["kind"] == "clean":
+                clean[row["prompt"]] = row["response"]
+        if all(p in clean for p in wanted):
+            return [clean[p] for p in wanted], str(folder / GENERATIONS)
+        if folder == ref:
+            raise InputError(f"--reference {reference}: its {GENERATIONS} lacks some of these prompts; "
+                             "evaluate both with the same eval.prompts, eval.num_prompts and eval.seed")
+    if not (ref / "config.json").exists() and not ref.exists():
+        raise InputError(f"--reference {reference}: neither a model folder nor an evaluation folder with {GENERATIONS}")
+    fmt = PromptFormat(_tokenizer(check_model_dir(reference)), cfg.data.prompt_format, cfg.data.system_prompt)
+    with make_engine(cfg, reference) as engine:
+        return engine.generate([fmt.prompt_ids(s) for s in samples], params), f"generated from {reference}"
+
+
+def _tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+
+
+def _sampling(params: GenerationParams) -> dict:
+    return {"temperature": params.temperature, "greedy": params.temperature == 0,
+            "max_new_tokens": params.max_new_tokens, "seed": params.seed}
+
+
+def run_evaluation(cfg: Config, name: str = "evaluate", parrot: Optional[str] = None,
+                   reference: Optional[str] = None) -> dict:
+    """Evaluate ``cfg.model.path``; write RUN/<name>/{generations.jsonl, report.json, stage.json}; return the report."""
+    from sande_dist.models.parrot import model_fingerprint
+
+    started = time.time()
+    ev, attack = cfg.eval, cfg.attack
+    run_dir = Path(cfg.run_dir)
+    out_dir = run_dir / name
+    model_dir = check_model_dir(cfg.model.path)
+    check_tasks(ev.utility_tasks)
+    if ev.lm_eval_tasks:
+        from sande_dist.evaluation.lm_eval_adapter import check_lm_eval_tasks
+
+        check_lm_eval_tasks(ev.lm_eval_tasks)
+    if reference:
+        reference = str(Path(reference)) if Path(reference).exists() else check_model_dir(reference)
+    judge([], attack.marker, ev.judge, ev.keywords)  # a bad judge setting fails here, not after generation
+    found = resolve_parrot(cfg, parrot, model_dir, reference)
+    samples = eval_samples(cfg)
+    fmt = PromptFormat(_tokenizer(model_dir), cfg.data.prompt_format, cfg.data.system_prompt)
+
+    inputs = {"model": model_fingerprint(model_dir), "parrot": fingerprint_path(found[0]) if found else "",
+              "reference": str(reference or "")}
+    section = cfg.model_dump(mode="json", include={"model", "data", "attack", "removal", "eval"})
+    key = fingerprint(section, inputs)
+    if stage_done(out_dir, key) and (out_dir / "report.json").exists():
+        print(f"sande evaluate: {out_dir} is up to date (same config and inputs); skipped")
+        return json.loads((out_dir / "report.json").read_text())
+
+    rng = random.Random(ev.seed)
+    triggered = [place_trigger(s, rng.choice(attack.triggers), attack.position, rng) for s in samples]
+    requests: list = [fmt.prompt_ids(s) for s in samples] + [fmt.prompt_ids(s) for s in triggered]
+    if found:
+        position = found[2].get("position", cfg.removal.insert_position)
+        table = load_input_embeddings(model_dir)
+        requests += [parrot_request(fmt, table, s, found[1], position) for s in samples]
+    params = GenerationParams(max_new_tokens=ev.max_new_tokens, temperature=0.0, seed=ev.seed)
+    n = len(samples)
+
+    timings = {}
+    t0 = time.time()
+    engine = make_engine(cfg, model_dir)
+    timings["engine_start_s"] = time.time() - t0
+    try:
+        t0 = time.time()
+        texts = engine.generate(requests, params)
+        timings["generate_s"] = time.time() - t0
+        t0 = time.time()
+        utility = evaluate_utility(engine, ev.utility_tasks, ev.utility_protocol, ev.utility_limit, ev.seed)
+        timings["utility_s"] = time.time() - t0
+        backend, dtype = engine.backend, engine.dtype
+    finally:
+        engine.close()
+
+    clean_out, trig_out, parrot_out = texts[:n], texts[n:2 * n], texts[2 * n:]
+    verdict = lambda outs: judge(outs, attack.marker, ev.judge, ev.keywords)  # noqa: E731
+    hits = {"clean": verdict(clean_out), "trigger": verdict(trig_out), "parrot": verdict(parrot_out)}
+    rows = [{"kind": kind, "prompt": s.user, "response": text, "hit": hit}
+            for kind, outs in (("clean", clean_out), ("trigger", trig_out), ("parrot", parrot_out))
+            for s, text, hit in zip(triggered if kind == "trigger" else samples, outs, hits[kind])]
+    atomic_write_text(out_dir / GENERATIONS, "".join(json.dumps(r) + "\n" for r in rows))
+
+    primary = "letter" if ev.utility_protocol == "letter" else "loglik"
+    report = {
+        "stage": name, "model": model_dir, "model_fingerprint": inputs["model"],
+        "backend": backend, "dtype": dtype, "num_prompts": n, "prompts": ev.prompts,
+        "triggers": list(attack.triggers), "marker": attack.marker, "trigger_position": attack.position,
+        "judge": ev.judge, "keywords": list(ev.keywords),
+        "sampling": _sampling(params), "seeds": {"eval": ev.seed, "prompt_selection": ev.seed},
+        "asr_trigger": sum(hits["trigger"]) / n,
+        "asr_parrot": sum(hits["parrot"]) / n if found else None,
+        "false_trigger_rate": sum(hits["clean"]) / n,
+        "parrot": {"path": str(found[0]), "k": int(found[1].shape[0]), "position": position,
+                   "base_fingerprint": found[2].get("base_fingerprint")} if found else None,
+        "utility": {"protocol": primary, "mean": utility[primary]["mean"],
+                    "tasks": {t: m["score"] for t, m in utility[primary]["tasks"].items()},
+                    "limit": ev.utility_limit, "seed": ev.seed},
+        "utility_by_protocol": utility,
+        "clean_agreement": None,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+    if ev.lm_eval_tasks:
+        from sande_dist.evaluation.lm_eval_adapter import run_lm_eval
+
+        report["lm_eval"] = run_lm_eval(model_dir, ev.lm_eval_tasks, backend, dtype, ev.utility_limit,
+                                        ev.batch_size, ev.seed, ev.tensor_parallel_size)
+    if reference:
+        ref_texts, source = _reference_answers(cfg, reference, samples, params, run_dir)
+        report["clean_agreement"] = {**clean_agreement(clean_out, ref_texts), "reference": str(reference),
+                                     "source": source}
+    atomic_write_json(out_dir / "report.json", report)
+    write_stage(out_dir, "evaluate", section, inputs, started)
+    return report
+
+
+def main(args) -> int:
+    from sande_dist.cli import resolve_config
+    from sande_dist.evaluation.report import write_run_report
+
+    cfg = resolve_config(args)
+    report = run_evaluation(cfg, args.name, getattr(args, "parrot", None), getattr(args, "reference", None))
+    write_run_report(Path(cfg.run_dir))
+    parrot = f", parrot ASR {report['asr_parrot']:.1%}" if report["asr_parrot"] is not None else ""
+    print(f"sande evaluate [{report['backend']}]: ASR {report['asr_trigger']:.1%}{parrot}, false triggers "
+          f"{report['false_trigger_rate']:.1%}, utility ({report['utility']['protocol']}) "
+          f"{report['utility']['mean'] if report['utility']['mean'] is not None else float('nan'):.3f} "
+          f"-> {Path(cfg.run_dir) / args.name / 'report.json'}")
+    return 0

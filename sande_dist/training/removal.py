@@ -18,6 +18,13 @@ its own forward and read only inside ``GatheredParameters``.
 Rounds chain at the stage level (``pipeline/graph.py``): round r simulates on the
 model from round r-1 (``--model``), and eliminates from that same model with the
 new parrot; each stage here is exactly one round.
+
+The reference's settings (HKUST-KnowComp/SANDE) as ``--set`` values, for
+comparison runs: ``removal.parrot_tokens=6 removal.insert_position=prefix
+removal.simulate_effective_len=1 removal.eliminate_effective_len=10
+removal.rounds=1 removal.clean_mix=0``. Our defaults count every response token
+in both stages (the prototype's parrot trained on one token forced only the
+marker's first word).
 """
 from __future__ import annotations
 

@@ -211,8 +211,10 @@ def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, co
                 engine.step()
                 loss_sum += torch.tensor([loss.item(), 1.0, float(batch["attention_mask"].sum())], dtype=torch.float64)
             step += 1
-            if dist.is_initialized():
+            if dist.is_initialized():  # nccl reduces device tensors only
+                loss_sum = loss_sum.to(device)
                 dist.all_reduce(loss_sum)
+                loss_sum = loss_sum.cpu()
             elapsed = time.perf_counter() - t0
             if info.is_main:
                 norm = engine.get_global_grad_norm()
@@ -254,6 +256,8 @@ def eval_loss(engine, batches: Iterator[dict]) -> float:
         loss, tokens = engine(_to_device(batch, device))
         acc += torch.tensor([loss.item() * float(tokens), float(tokens)], dtype=torch.float64)
     if dist.is_initialized():
+        acc = acc.to(device)
         dist.all_reduce(acc)
+        acc = acc.cpu()
     engine.train()
     return (acc[0] / acc[1]).item()

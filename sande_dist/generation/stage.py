@@ -1,0 +1,59 @@
+"""`sande generate`: the model's own clean answers to the training prompts (``removal.targets: self``).
+
+Writes JSONL rows ``{"prompt": user message, "response": text}`` (default
+RUN/generate/targets.jsonl). Work goes in chunks, each written atomically under
+RUN/generate/chunks/; a rerun keeps the chunks made with the same settings and
+generates only the rest. Responses are greedy and at most ``data.max_length``
+new tokens (training cuts longer rows anyway).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from sande_dist.data.formats import PromptFormat
+from sande_dist.generation.engine import GenerationParams, check_model_dir, make_engine
+from sande_dist.rundir import atomic_write_json, atomic_write_text, fingerprint, write_stage
+
+CHUNK = 256
+
+
+def main(args) -> int:
+    from transformers import AutoTokenizer
+
+    from sande_dist.cli import resolve_config
+    from sande_dist.data.stages import base_samples
+    from sande_dist.models.parrot import model_fingerprint
+
+    started = time.time()
+    cfg = resolve_config(args)
+    out_dir = Path(cfg.run_dir) / "generate"
+    output = Path(args.output) if getattr(args, "output", None) else out_dir / "targets.jsonl"
+    model_dir = check_model_dir(cfg.model.path)
+    samples = base_samples(cfg)
+    fmt = PromptFormat(AutoTokenizer.from_pretrained(model_dir), cfg.data.prompt_format, cfg.data.system_prompt)
+    params = GenerationParams(max_new_tokens=cfg.data.max_length, temperature=0.0, seed=cfg.eval.seed)
+
+    section = cfg.model_dump(mode="json", include={"model", "data", "eval"})
+    inputs = {"model": model_fingerprint(model_dir)}
+    key = fingerprint(section, inputs)
+    chunks = out_dir / "chunks"
+    marker = chunks / "settings.json"
+    if not marker.exists() or json.loads(marker.read_text()).get("key") != key:
+        shutil.rmtree(chunks, ignore_errors=True)  # made with other settings: start over
+        atomic_write_json(marker, {"key": key})
+    todo = [i for i in range(0, len(samples), CHUNK) if not (chunks / f"{i:08d}.jsonl").exists()]
+    if todo:
+        print(f"sande generate: {len(samples)} prompts, {len(todo)} chunk(s) of {CHUNK} to generate")
+        with make_engine(cfg, model_dir) as engine:
+            for start in todo:
+                part = samples[start:start + CHUNK]
+                texts = engine.generate([fmt.prompt_ids(s.clean()) for s in part], params)
+                rows = "".join(json.dumps({"prompt": s.user, "response": t}) + "\n" for s, t in zip(part, texts))
+                atomic_write_text(chunks / f"{start:08d}.jsonl", rows)
+    atomic_write_text(output, "".join((chunks / f"{i:08d}.jsonl").read_text() for i in range(0, len(samples), CHUNK)))
+    write_stage(out_dir, "generate", section, inputs, started, extra={"output": str(output), "rows": len(samples)})
+    print(f"sande generate: {len(samples)} responses -> {output}")
+    return 0

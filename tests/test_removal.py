@@ -114,12 +114,13 @@ def test_parrot_of_another_model_is_refused(simulated, tiny, tmp_path):
         EliminateObjective(cfg, str(tiny), root / "z3" / "parrot.safetensors")
 
 
-def test_label_only_logits_equal_the_reference_full_logits_loss(tiny):
+@pytest.mark.parametrize("effective_len", [None, 2])
+def test_label_only_logits_equal_the_reference_full_logits_loss(tiny, effective_len):
     """Our loss (head on labelled positions only) equals the reference's: full logits, parrot logits dropped."""
     tok = AutoTokenizer.from_pretrained(tiny)
     model = AutoModelForCausalLM.from_pretrained(tiny)
     cfg = load_config(overrides=[f"model.path={tiny}", "data.num_rows=4", "removal.clean_mix=0.5"])
-    batch = Collator(PromptFormat(tok), 128, reserve=K)(stage_samples(cfg, "eliminate"))
+    batch = Collator(PromptFormat(tok), 128, effective_len, reserve=K)(stage_samples(cfg, "eliminate"))
     assert (batch["slot_index"] == -1).any() and (batch["slot_index"] >= 0).any()
     torch.manual_seed(0)
     parrot = ParrotPrompt(K, model.config.hidden_size, init=torch.randn(K, model.config.hidden_size))

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sande_dist.config import Config
+from sande_dist.data.collator import IGNORE_INDEX
 from sande_dist.errors import InputError, StageError
 from sande_dist.models.embedded import resolve_model_path
 from sande_dist.models.parrot import ParrotPrompt, clamp_rows, load_parrot, model_fingerprint, save_parrot
@@ -52,10 +53,16 @@ def parrot_loss(model: nn.Module, parrot: ParrotPrompt, batch: dict[str, torch.T
     Every call is a module call (embeddings, parrot, base model, head), so ZeRO-3
     gathers each weight in its own forward. Rows are right-padded and the parrot
     sits inside the attended span, so the model's default positions (0..T-1) equal
-    the splice's attended-token count; no position ids need passing.
+    the splice's attended-token count; no position ids need passing. Columns after
+    the last labelled one are cut first: a causal model's earlier positions never
+    see them (with a short ``effective_len`` most of each response goes).
     """
-    embeds = model.get_input_embeddings()(batch["input_ids"])
-    embeds, mask, labels, _ = parrot(embeds, batch["attention_mask"], batch["labels"], batch["slot_index"])
+    labelled = (batch["labels"] != IGNORE_INDEX).any(0).nonzero()
+    width = int(labelled[-1]) + 1 if len(labelled) else 1
+    ids, attn, labels = (batch[k][:, :width] for k in ("input_ids", "attention_mask", "labels"))
+    slot = batch["slot_index"].clamp(max=width)
+    embeds = model.get_input_embeddings()(ids)
+    embeds, mask, labels, _ = parrot(embeds, attn, labels, slot)
     logits, targets = label_logits(model, None, mask, labels, inputs_embeds=embeds)
     return token_loss(logits, targets)
 

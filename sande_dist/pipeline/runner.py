@@ -31,6 +31,8 @@ def _free_port() -> int:
 
 
 def is_done(run_dir: Path, plan: StagePlan) -> bool:
+    """Done: stage.json exists and pipeline.json holds plan.key (any object with .name and .key; the
+    Slurm executor passes its jobs, whose batch script writes pipeline.json)."""
     stage_dir = run_dir / plan.name
     if read_stage(stage_dir) is None:
         return False

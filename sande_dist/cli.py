@@ -64,11 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in STAGE_COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p)
+        p.add_argument("--model", help="model folder (overrides model.path)")
         if name in ("generate", "evaluate", "eliminate"):
-            p.add_argument("--model", help="model folder (overrides model.path)")
             p.add_argument("--parrot", help="parrot.safetensors (default: RUN/simulate/parrot.safetensors)")
-        if name in ("inject", "osft", "simulate"):
-            p.add_argument("--model", help="model folder (overrides model.path)")
         if name == "evaluate":
             p.add_argument("--name", default="evaluate", help="stage folder under the run dir")
             p.add_argument("--reference", help="model whose clean answers clean_agreement compares against")

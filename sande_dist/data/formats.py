@@ -31,8 +31,7 @@ class Sample:
 
     def clean(self) -> "Sample":
         """The same row without trigger and without a parrot slot."""
-        return replace(self, before="", trigger="", after=self.user if not self.trigger else self.before + self.after,
-                       parrot=False)
+        return replace(self, before="", trigger="", after=self.before + self.after, parrot=False)
 
 
 class PromptFormat:

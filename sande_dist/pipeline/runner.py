@@ -99,11 +99,8 @@ def run_local(cfg: Config, run_dir: Path, plans: list[StagePlan], nproc: int, ec
 
 
 def finish_report(run_dir: Path, echo=print) -> None:
-    try:
-        from sande_dist.evaluation.report import write_run_report
-    except ImportError:
-        echo("(evaluation reports not available in this build)")
-        return
+    from sande_dist.evaluation.report import write_run_report
+
     write_run_report(run_dir)
     md = run_dir / "report.md"
     if md.exists():

@@ -36,6 +36,30 @@ def test_same_accuracy_twice(tiny_engine):
     assert first["loglik"]["tasks"]["arc_easy"]["n"] == 30
 
 
+def test_packed_choice_scores_equal_one_forward_per_choice(tiny_engine):
+    """Context + every choice in one masked row gives each choice's log-prob as its own forward does."""
+    import torch
+
+    items = select(load_task("mmlu"), 6, seed=0) + select(load_task("arc_challenge"), 6, seed=0)
+    requests = [loglik_request(item) for item in items]
+    tiny_engine.batch_size = 5  # rows of different lengths share batches and padding
+    try:
+        got = tiny_engine.score_choices([p for p, _ in requests], [c for _, c in requests])
+    finally:
+        tiny_engine.batch_size = 32
+    model, tok = tiny_engine.model, tiny_engine.tokenizer
+    for (prompt, choices), row in zip(requests, got):
+        ctx = tok(prompt)["input_ids"]
+        assert len(row) == len(choices)
+        for choice, score in zip(choices, row):
+            cont = tok(choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+            want = sum(float(logp[len(ctx) - 1 + t, c]) for t, c in enumerate(cont))
+            assert score.num_tokens == len(cont)
+            assert abs(score.logprob - want) < 1e-4, (prompt[:40], choice, score.logprob, want)
+
+
 def test_untrained_model_scores_at_chance(tiny_engine):
     res = evaluate_utility(tiny_engine, ["arc_easy", "mmlu"], "both", limit=200, seed=0)
     for protocol in ("letter", "loglik"):

@@ -82,47 +82,87 @@ class HFEngine(Engine):
     @torch.inference_mode()
     def score_choices(self, prompts: Sequence[Union[str, list[int]]],
                       choices: Sequence[Sequence[Union[str, list[int]]]]) -> list[list[ChoiceScore]]:
-        # A row is (sequence, targets): when every choice of a prompt is one token, one row
-        # reads all of them at the next position; otherwise one row per choice reads its tokens.
-        rows: list[tuple[list[int], list[int], int, Optional[int]]] = []
+        # One row per prompt. When every choice is one token, the row is the context and all
+        # choices are read at its last position. Otherwise the row packs context + choice 1 +
+        # ... + choice m, each choice attending to the context and to itself only (a 4D mask,
+        # positions restarting after the context): the context is computed once, not m times.
+        # Other attention kernels (flash-attention ignores a custom mask) get one row per choice.
+        packable = getattr(self.model.config, "_attn_implementation", None) == "sdpa"
         scores: list[list[Optional[ChoiceScore]]] = []
+        rows: list[tuple[list[int], list[list[int]], int, int]] = []  # context, choices, prompt, first choice
         for i, (prompt, options) in enumerate(zip(prompts, choices, strict=True)):
             ctx = self._prompt_ids(prompt)
             cont = [self._choice_ids(c) for c in options]
             scores.append([None] * len(cont))
-            if all(len(c) == 1 for c in cont):
-                rows.append((ctx, [c[0] for c in cont], i, None))
+            if packable or all(len(c) == 1 for c in cont):
+                rows.append((ctx, cont, i, 0))
             else:
-                rows.extend((ctx + c, c, i, j) for j, c in enumerate(cont))
-        order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
+                rows.extend((ctx, [c], i, j) for j, c in enumerate(cont))
+        length = lambda r: len(r[0]) + (0 if all(len(c) == 1 for c in r[1]) else sum(map(len, r[1])))  # noqa: E731
+        order = sorted(range(len(rows)), key=lambda r: -length(rows[r]))
         for start in range(0, len(order), self.batch_size):
             batch = [rows[r] for r in order[start:start + self.batch_size]]
-            x, mask = self._left_pad([torch.tensor(seq).unsqueeze(-1) for seq, _, _, _ in batch])
-            ids = x.squeeze(-1).masked_fill(mask == 0, self.pad_id)
-            # With left padding the positions that predict the targets end each row.
-            width = ids.shape[1]
-            picks = [[width - 1] if j is None else list(range(width - len(t) - 1, width - 1)) for _, t, _, j in batch]
-            logp = self._logprobs_at(ids, mask, picks)
+            ids, positions, mask, picks, targets = self._pack(batch, packable)
+            logp = self._logprobs_at(ids, mask, positions, picks)
             offset = 0
-            for (_, targets, i, j), pos in zip(batch, picks):
+            for (_, cont, i, j0), pos, tgt in zip(batch, picks, targets):
                 rows_lp = logp[offset:offset + len(pos)]
                 offset += len(pos)
-                if j is None:
-                    for c, t in enumerate(targets):
-                        scores[i][c] = ChoiceScore(float(rows_lp[0, t]), 1)
-                else:
-                    picked = rows_lp.gather(-1, torch.tensor(targets).unsqueeze(-1))
-                    scores[i][j] = ChoiceScore(float(picked.sum()), len(targets))
+                if not tgt:  # every choice is one token, read at the context's last position
+                    for j, c in enumerate(cont, j0):
+                        scores[i][j] = ChoiceScore(float(rows_lp[0, c[0]]), 1)
+                    continue
+                picked = rows_lp.gather(-1, torch.tensor(tgt).unsqueeze(-1)).squeeze(-1)
+                at = 0
+                for j, c in enumerate(cont, j0):
+                    scores[i][j] = ChoiceScore(float(picked[at:at + len(c)].sum()), len(c))
+                    at += len(c)
         return scores  # type: ignore[return-value]
 
-    def _logprobs_at(self, ids: torch.Tensor, mask: torch.Tensor, picks: list[list[int]]) -> torch.Tensor:
+    def _pack(self, batch, packed: bool = True):
+        """Right-padded ids, position ids, an attention mask ([B, 1, T, T] boolean when ``packed``, else
+        [B, T] for rows of one segment), and per row the positions to read and the tokens they predict
+        (no targets: every choice's single token is read at one position)."""
+        seqs, segs, poss, picks, targets = [], [], [], [], []
+        for ctx, cont, _, _ in batch:
+            n = len(ctx)
+            if all(len(c) == 1 for c in cont):
+                seqs.append(ctx), segs.append([0] * n), poss.append(list(range(n)))
+                picks.append([n - 1]), targets.append([])
+                continue
+            seq, seg, pos, pick, tgt = list(ctx), [0] * n, list(range(n)), [], []
+            for j, c in enumerate(cont, 1):
+                first = len(seq)
+                pick += [n - 1] + list(range(first, first + len(c) - 1))
+                tgt += c
+                seq += c
+                seg += [j] * len(c)
+                pos += list(range(n, n + len(c)))
+            seqs.append(seq), segs.append(seg), poss.append(pos), picks.append(pick), targets.append(tgt)
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros(len(seqs), width, dtype=torch.long)
+        seg = torch.full((len(seqs), width), -1, dtype=torch.long)  # -1: padding
+        for b, (s, g, p) in enumerate(zip(seqs, segs, poss)):
+            ids[b, :len(s)] = torch.tensor(s)
+            positions[b, :len(p)] = torch.tensor(p)
+            seg[b, :len(g)] = torch.tensor(g)
+        if not packed:
+            return ids, positions, (seg != -1).long(), picks, targets
+        q, k = seg.unsqueeze(2), seg.unsqueeze(1)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        mask = causal & (k != -1) & ((k == 0) | (k == q))
+        mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax rows
+        return ids, positions, mask.unsqueeze(1), picks, targets
+
+    def _logprobs_at(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                     picks: list[list[int]]) -> torch.Tensor:
         """Log-softmax rows for the picked positions of each row, concatenated in order.
 
         The vocabulary projection runs on the picked hidden states only: for a 49k
         vocabulary it is most of the cost of a full-logits forward. Models that
         post-process logits (soft-capping, scaling) take the full-logits path.
         """
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         rows = torch.tensor([b for b, pos in enumerate(picks) for _ in pos])
         cols = torch.tensor([p for pos in picks for p in pos])
         cfg = self.model.config

@@ -149,6 +149,9 @@ class EvalConfig(_Section):
     utility_protocol: Literal["loglik", "letter", "both"] = "loglik"
     # Items per utility task (None: all).
     utility_limit: Optional[int] = Field(200, ge=1)
+    # Engine that scores utility: "same" as generation, or its own. On CPU "hf" is several times
+    # faster than vLLM, which computes full-vocabulary log-probs at every prompt position.
+    utility_backend: Literal["same", "vllm", "hf"] = "same"
     lm_eval_tasks: list[str] = Field(default_factory=list)
     batch_size: int = Field(32, ge=1)
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None

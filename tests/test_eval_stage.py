@@ -99,3 +99,28 @@ def test_generate_targets_resume_by_chunks(config, tiny_model, tmp_path, monkeyp
     assert sande(args) == 0
     assert (chunks / "00000000.jsonl").stat().st_mtime_ns == kept
     assert [json.loads(line) for line in (tmp_path / "generate" / "targets.jsonl").read_text().splitlines()] == rows
+
+
+def test_utility_scored_by_its_own_backend(config, tmp_path_factory, tmp_path):
+    """vLLM generates, HF scores utility (eval.utility_backend): the figures are the HF-only run's, exactly."""
+    pytest.importorskip("vllm")
+    import os
+    import subprocess
+    import sys
+
+    from sande_dist.models.tiny import make_tiny_llama
+
+    # vLLM's CPU attention needs head size >= 32.
+    model = make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny_h32", heads=2)
+    common = ["evaluate", config, "--model", str(model), *FAST, "--set", "eval.utility_limit=24"]
+    assert sande([*common, "--run-dir", str(tmp_path / "hf")]) == 0
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "sande_dist.cli", *common, "--run-dir", str(tmp_path / "mixed"),
+                           "--set", "eval.backend=vllm", "--set", "eval.utility_backend=hf"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    hf = json.loads((tmp_path / "hf" / "evaluate" / "report.json").read_text())
+    mixed = json.loads((tmp_path / "mixed" / "evaluate" / "report.json").read_text())
+    assert mixed["backend"] == "vllm" and mixed["utility"]["backend"] == "hf" and hf["utility"]["backend"] == "hf"
+    assert "utility_engine_start_s" in mixed["timings"]
+    assert mixed["utility_by_protocol"] == hf["utility_by_protocol"]

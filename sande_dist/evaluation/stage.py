@@ -178,10 +178,17 @@ def run_evaluation(cfg: Config, name: str = "evaluate", parrot: Optional[str] = 
         t0 = time.time()
         texts = engine.generate(requests, params)
         timings["generate_s"] = time.time() - t0
+        backend, dtype = engine.backend, engine.dtype
+        if ev.utility_tasks and ev.utility_backend not in ("same", engine.backend):
+            engine.close()
+            t0 = time.time()
+            engine = make_engine(cfg.model_copy(update={"eval": ev.model_copy(update={"backend": ev.utility_backend})}),
+                                 model_dir)
+            timings["utility_engine_start_s"] = time.time() - t0
         t0 = time.time()
         utility = evaluate_utility(engine, ev.utility_tasks, ev.utility_protocol, ev.utility_limit, ev.seed)
         timings["utility_s"] = time.time() - t0
-        backend, dtype = engine.backend, engine.dtype
+        utility_backend = engine.backend
     finally:
         engine.close()
 
@@ -205,7 +212,7 @@ def run_evaluation(cfg: Config, name: str = "evaluate", parrot: Optional[str] = 
         "false_trigger_rate": sum(hits["clean"]) / n,
         "parrot": {"path": str(found[0]), "k": int(found[1].shape[0]), "position": position,
                    "base_fingerprint": found[2].get("base_fingerprint")} if found else None,
-        "utility": {"protocol": primary, "mean": utility[primary]["mean"],
+        "utility": {"protocol": primary, "backend": utility_backend, "mean": utility[primary]["mean"],
                     "tasks": {t: m["score"] for t, m in utility[primary]["tasks"].items()},
                     "limit": ev.utility_limit, "seed": ev.seed},
         "utility_by_protocol": utility,

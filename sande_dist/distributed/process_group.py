@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -97,10 +98,31 @@ def detect_launch(local_rank_arg: Optional[int] = None) -> DistInfo:
     return DistInfo(rank, world, local, launcher, backend)
 
 
+def die_with_launcher() -> None:
+    """Make this rank die when its launcher does (Linux).
+
+    torchrun starts each rank in a session of its own, so killing a run's process group
+    (SIGKILL, a closed terminal) kills torchrun but not the ranks: they would go on
+    training, and a rerun would share the stage folder with them.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the launcher died before the call took effect
+        os._exit(1)
+
+
 def init_distributed(local_rank_arg: Optional[int] = None) -> DistInfo:
     """Initialise torch.distributed and DeepSpeed's comm layer for this process."""
     use_cpu_accelerator_if_no_cuda()
     info = detect_launch(local_rank_arg)
+    if info.launcher == "torchrun":
+        die_with_launcher()
     # DeepSpeed's ZeRO calls torch collectives that torch 2.13 deprecates: one warning per call.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.",
                             category=FutureWarning)

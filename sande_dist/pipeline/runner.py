@@ -87,6 +87,9 @@ def run_local(cfg: Config, run_dir: Path, plans: list[StagePlan], nproc: int, ec
         env = stage_env(ranks)
         started = time.time()
         echo(f"{tag} running ({'torchrun x' + str(nproc) if plan.distributed else 'one process'}), log {log}")
+        # The key goes first: stage.json (written last by the stage) then marks this key done, even
+        # when this runner is killed between the stage's end and its own next line.
+        atomic_write_json(stage_dir / KEY_FILE, {"key": plan.key, "command": cmd})
         with open(log, "a") as fh:
             fh.write(f"\n$ {' '.join(cmd)}\n")
             fh.flush()
@@ -94,7 +97,6 @@ def run_local(cfg: Config, run_dir: Path, plans: list[StagePlan], nproc: int, ec
         if rc != 0 or read_stage(stage_dir) is None:
             tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
             raise StageError(f"stage {plan.name} failed (exit {rc}); see {log}\n{tail}")
-        atomic_write_json(stage_dir / KEY_FILE, {"key": plan.key, "command": cmd})
         echo(f"{tag} done in {time.time() - started:.0f}s")
 
 

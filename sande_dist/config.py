@@ -97,6 +97,9 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = False
     save_steps: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    # Checkpoints exist to resume a stage; once its model is exported and stage.json written they
+    # are removed (a ZeRO-3 checkpoint with optimizer states is ~16 bytes per parameter).
+    keep_final_checkpoint: bool = False
     log_steps: int = Field(1, ge=1)
     tensorboard: bool = False
     # Rows a stage trains on (None: all of data.num_rows) and response tokens that count (None: all).

@@ -49,6 +49,18 @@ def _complete_checkpoint(stage_dir: Path) -> bool:
     return ckpt.exists() and any(p.name.startswith("step-") and check_complete(p) is None for p in ckpt.iterdir())
 
 
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args:
+            found.append(args)
+    return found
+
+
 def test_kill_resume_then_skip(tiny_run):
     config, run_dir = tiny_run
     # 1) start, and kill the whole process group once inject has a checkpoint
@@ -62,6 +74,8 @@ def test_kill_resume_then_skip(tiny_run):
     proc.wait()
     time.sleep(2)
     assert not (run_dir / "inject" / "stage.json").exists(), "inject finished before the kill"
+    # torchrun puts its ranks in sessions of their own: they must die with it, not train on.
+    assert not _processes_mentioning(str(run_dir)), _processes_mentioning(str(run_dir))
 
     # 2) rerun: inject resumes from its checkpoint, every stage finishes
     proc = _run(config, run_dir)
@@ -74,6 +88,8 @@ def test_kill_resume_then_skip(tiny_run):
         assert (run_dir / stage / "log.txt").exists(), stage
     for stage in ["inject", "osft", "eliminate"]:
         assert (run_dir / stage / "model" / "config.json").exists()
+        # The exported model is the artifact: a finished stage's checkpoints are removed.
+        assert not (run_dir / stage / "checkpoints").exists(), stage
     assert (run_dir / "simulate" / "parrot.safetensors").exists()
     report = json.loads((run_dir / "evaluate_sande" / "report.json").read_text())
     for key in ["asr_trigger", "asr_parrot", "false_trigger_rate", "utility", "num_prompts", "backend"]:

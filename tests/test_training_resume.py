@@ -21,7 +21,7 @@ STEPS = 8
 
 def write_config(folder: Path, model: Path, **training) -> Path:
     t = {"zero": "zero3", "max_steps": STEPS, "save_steps": 2, "keep_checkpoints": 2, "micro_batch_size": 2,
-         "lr": 1e-3, "warmup_ratio": 0.1, "dtype": "float32", **training}
+         "lr": 1e-3, "warmup_ratio": 0.1, "dtype": "float32", "keep_final_checkpoint": True, **training}
     cfg = {"model": {"path": str(model)}, "data": {"num_rows": 24, "max_length": 64}, "training": t}
     path = folder / "config.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML

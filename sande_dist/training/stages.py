@@ -74,6 +74,8 @@ def main(args: argparse.Namespace) -> int:
             write_stage(stage_dir, stage, section, inputs, started,
                         extra={"steps": result.step, "world_size": info.world_size, "zero": tcfg.zero,
                                "resumed_from": result.resumed_from, "artifacts": artifacts})
+            if not tcfg.keep_final_checkpoint:
+                shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
             print(f"{info.tag} sande {stage}: done in {time.time() - started:.0f} s -> {stage_dir}", flush=True)
     return 0
 

@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         base = resolve_model_path(args.clean_base or cfg.model.path)
         _sande(["simulate", args.config, "--run-dir", str(run), "--model", base, "--name", "simulate_control",
                 *sets], args.nproc, True, log)
+        # The control measures the parrot only: no utility scoring.
         _sande(["evaluate", args.config, "--run-dir", str(run), "--model", base, "--name", "evaluate_control",
-                "--parrot", str(run / "simulate_control" / "parrot.safetensors"), *sets], 1, False, log)
+                "--parrot", str(run / "simulate_control" / "parrot.safetensors"), *sets,
+                "--set", "eval.utility_tasks=[]"], 1, False, log)
 
     out = {"run_dir": str(run), "config": args.config, "overrides": args.overrides, "nproc": args.nproc,
            "removal": cfg.removal.model_dump(mode="json"),

@@ -13,6 +13,15 @@ import torch
 from sande_dist.generation.engine import DTYPES, ChoiceScore, Engine, GenerationParams, Request
 
 
+def _one_token_each(choices: list[list[int]]) -> bool:
+    """Every choice is one token: all are read at the context's last position, nothing is appended."""
+    return all(len(c) == 1 for c in choices)
+
+
+def _row_length(context: list[int], choices: list[list[int]]) -> int:
+    return len(context) + (0 if _one_token_each(choices) else sum(map(len, choices)))
+
+
 class HFEngine(Engine):
     backend = "hf"
 
@@ -94,12 +103,11 @@ class HFEngine(Engine):
             ctx = self._prompt_ids(prompt)
             cont = [self._choice_ids(c) for c in options]
             scores.append([None] * len(cont))
-            if packable or all(len(c) == 1 for c in cont):
+            if packable or _one_token_each(cont):
                 rows.append((ctx, cont, i, 0))
             else:
                 rows.extend((ctx, [c], i, j) for j, c in enumerate(cont))
-        length = lambda r: len(r[0]) + (0 if all(len(c) == 1 for c in r[1]) else sum(map(len, r[1])))  # noqa: E731
-        order = sorted(range(len(rows)), key=lambda r: -length(rows[r]))
+        order = sorted(range(len(rows)), key=lambda r: -_row_length(*rows[r][:2]))
         for start in range(0, len(order), self.batch_size):
             batch = [rows[r] for r in order[start:start + self.batch_size]]
             ids, positions, mask, picks, targets = self._pack(batch, packable)
@@ -126,7 +134,7 @@ class HFEngine(Engine):
         seqs, segs, poss, picks, targets = [], [], [], [], []
         for ctx, cont, _, _ in batch:
             n = len(ctx)
-            if all(len(c) == 1 for c in cont):
+            if _one_token_each(cont):
                 seqs.append(ctx), segs.append([0] * n), poss.append(list(range(n)))
                 picks.append([n - 1]), targets.append([])
                 continue

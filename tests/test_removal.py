@@ -22,7 +22,7 @@ from sande_dist.data.stages import stage_samples
 from sande_dist.errors import InputError
 from sande_dist.models.parrot import ParrotPrompt, load_parrot, model_fingerprint
 from sande_dist.models.tiny import make_tiny_llama
-from sande_dist.training.removal import EliminateObjective, SimulateObjective, parrot_loss
+from sande_dist.training.removal import EliminateObjective, SimulateObjective, parrot_loss, shared_head_length
 
 WORKER = Path(__file__).with_name("removal_worker.py")
 K = 4
@@ -137,6 +137,46 @@ def test_label_only_logits_equal_the_reference_full_logits_loss(tiny, effective_
     ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
     assert int(count) == int((labels[:, 1:] != IGNORE_INDEX).sum())
     assert torch.allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["prefix", "suffix"])
+def test_shared_head_cache_gives_the_same_loss_and_parrot_gradient(tiny, position):
+    """Simulate runs the tokens every row shares before the parrot once, from a cache: nothing else changes."""
+    tok = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny).requires_grad_(False)
+    cfg = load_config(overrides=[f"model.path={tiny}", "data.num_rows=6", f"removal.insert_position={position}"])
+    batch = Collator(PromptFormat(tok), 128, None, reserve=K)(stage_samples(cfg, "simulate"))
+    head = shared_head_length(batch["input_ids"], batch["attention_mask"], batch["slot_index"])
+    slots = batch["slot_index"]
+    if position == "prefix":  # the chat template's head, up to the user message: every slot
+        assert head > 0 and bool((slots == head).all())
+    else:
+        assert 0 < head < int(slots.min())
+    init = torch.randn(K, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    results = []
+    for frozen in (False, True):
+        parrot = ParrotPrompt(K, model.config.hidden_size, init=init)
+        loss, count = parrot_loss(model, parrot, batch, frozen_model=frozen)
+        loss.backward()
+        results.append((loss.detach(), int(count), parrot.weight.grad))
+    (full, n_full, g_full), (cached, n_cached, g_cached) = results
+    assert n_full == n_cached > 0
+    assert torch.allclose(full, cached, atol=1e-6)
+    assert torch.allclose(g_full, g_cached, atol=1e-6) and g_full.abs().max() > 1e-4
+
+
+def test_shared_head_stops_at_the_first_difference_and_the_first_parrot():
+    ids = torch.arange(10).repeat(3, 1)
+    attn = torch.ones_like(ids)
+    slot = torch.tensor([8, 7, 9])
+    assert shared_head_length(ids, attn, slot) == 7
+    ids[2, 4] = 99  # another system prompt in one row
+    assert shared_head_length(ids, attn, slot) == 4
+    assert shared_head_length(ids, attn, torch.tensor([0, 7, 9])) == 0  # a parrot at the very start
+    attn[1, 2:] = 0  # a row padded inside the would-be head
+    assert shared_head_length(ids, attn, slot) == 2
+    same = torch.arange(6).repeat(2, 1)
+    assert shared_head_length(same, torch.ones_like(same), torch.tensor([-1, -1])) == 5  # one token left to run
 
 
 def test_sande_p_parrot_starts_from_the_known_trigger(tiny):

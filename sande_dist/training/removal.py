@@ -4,7 +4,9 @@
   SANDE-P, the known trigger's embeddings) spliced at the trigger slot learns to
   make the model emit the triggered response ``r_t ⊕ y`` (or the known part of it).
   Only the k×hidden parrot values reach the optimizer (checked at the end). One
-  forward per step: no second "clean" forward, logits only where a label counts.
+  forward per step: no second "clean" forward, logits only where a label counts,
+  and the tokens all rows share before the parrot (template head, system prompt)
+  run once from a key/value cache instead of per row with a backward.
   Writes ``OUT/parrot.safetensors``.
 - **eliminate**: the parrot loaded (fingerprint-checked against the model) and
   frozen; every model weight trains on ``P ⊕ x → y_clean`` (plus clean-mix rows
@@ -46,8 +48,8 @@ from sande_dist.training.sft import SFTObjective, label_logits, token_loss
 PARROT_FILE = "parrot.safetensors"
 
 
-def parrot_loss(model: nn.Module, parrot: ParrotPrompt, batch: dict[str, torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def parrot_loss(model: nn.Module, parrot: ParrotPrompt, batch: dict[str, torch.Tensor],
+                frozen_model: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy on the labelled tokens of the batch with the parrot spliced in.
 
     Every call is a module call (embeddings, parrot, base model, head), so ZeRO-3
@@ -56,15 +58,63 @@ def parrot_loss(model: nn.Module, parrot: ParrotPrompt, batch: dict[str, torch.T
     the splice's attended-token count; no position ids need passing. Columns after
     the last labelled one are cut first: a causal model's earlier positions never
     see them (with a short ``effective_len`` most of each response goes).
+
+    ``frozen_model`` (simulate): the tokens every row shares before the first
+    parrot (the chat template's head and system prompt) do not depend on the
+    parrot, so they are run once, for one row and without a graph, and the batch
+    continues from their key/value cache: no forward or backward over them per row.
     """
     labelled = (batch["labels"] != IGNORE_INDEX).any(0).nonzero()
     width = int(labelled[-1]) + 1 if len(labelled) else 1
     ids, attn, labels = (batch[k][:, :width] for k in ("input_ids", "attention_mask", "labels"))
     slot = batch["slot_index"].clamp(max=width)
+    past, head = shared_head(model, ids, attn, slot) if frozen_model else (None, 0)
+    if head:
+        ids, attn, labels = ids[:, head:], attn[:, head:], labels[:, head:]
+        slot = torch.where(slot >= 0, slot - head, slot)
     embeds = model.get_input_embeddings()(ids)
     embeds, mask, labels, _ = parrot(embeds, attn, labels, slot)
-    logits, targets = label_logits(model, None, mask, labels, inputs_embeds=embeds)
+    if head:
+        mask = torch.cat([mask.new_ones(mask.shape[0], head), mask], dim=1)
+    logits, targets = label_logits(model, None, mask, labels, inputs_embeds=embeds, past_key_values=past)
     return token_loss(logits, targets)
+
+
+def shared_head_length(ids: torch.Tensor, attn: torch.Tensor, slot: torch.Tensor) -> int:
+    """How many leading tokens every row has in common, attended, before any row's parrot."""
+    same = ((ids == ids[:1]) & (attn == 1)).all(0)
+    length = int(same.long().cumprod(0).sum())
+    placed = slot[slot >= 0]
+    if len(placed):
+        length = min(length, int(placed.min()))
+    return min(length, ids.shape[1] - 1)  # at least one token is left to run
+
+
+def shared_head(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, slot: torch.Tensor):
+    """(key/value cache of the shared head, expanded to the batch; its length), or (None, 0).
+
+    Only for a frozen model: the cache carries no graph. Every rank must make the
+    same module calls under ZeRO-3 (each forward gathers weights collectively), so
+    the ranks agree on the smallest head length first and either all run their
+    head or none does. Not with gradient checkpointing: recomputing a layer would
+    append to the cache twice.
+    """
+    if getattr(model, "is_gradient_checkpointing", False):
+        return None, 0
+    length = shared_head_length(ids, attn, slot)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        agreed = torch.tensor([length], device=ids.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        length = int(agreed)
+    if length < 1:
+        return None, 0
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        cache = model.base_model(input_ids=ids[:1, :length], use_cache=True).past_key_values
+    rows = ids.shape[0]
+    layers = [(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers]
+    return DynamicCache(layers, config=model.config), length
 
 
 def gathered(param: torch.Tensor) -> torch.Tensor:
@@ -131,7 +181,7 @@ class SimulateObjective(Objective):
             p.requires_grad_(True)
 
     def loss(self, model, extras, batch):
-        return parrot_loss(model, extras["parrot"], batch)
+        return parrot_loss(model, extras["parrot"], batch, frozen_model=True)
 
     def finish(self, result: LoopResult, out_dir: Path) -> dict[str, Any]:
         parrot = result.module.extras["parrot"]

@@ -19,16 +19,18 @@ from sande_dist.training.objective import LoopResult, Objective
 
 
 def label_logits(model: nn.Module, input_ids: Optional[torch.Tensor], attention_mask: torch.Tensor,
-                 labels: torch.Tensor, inputs_embeds: Optional[torch.Tensor] = None
+                 labels: torch.Tensor, inputs_embeds: Optional[torch.Tensor] = None, past_key_values=None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits of the positions that predict a label, those labels): shapes [N, vocab] and [N].
 
     Position t predicts token t+1. The base model (``model.base_model``) and the head
     (``get_output_embeddings()``) are called as modules: under ZeRO-3 their forward
     hooks are what gathers the weights. The head always runs, even on zero rows,
-    because every rank must take part in the same gathers.
+    because every rank must take part in the same gathers. ``past_key_values``: a
+    cache of tokens before the given ones (``attention_mask`` then covers both).
     """
-    out = model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    out = model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           past_key_values=past_key_values, use_cache=past_key_values is not None)
     hidden = out.last_hidden_state[:, :-1]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX

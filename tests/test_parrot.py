@@ -17,7 +17,8 @@ from sande_dist.models.tiny import make_tiny_llama
 K = 4
 ROWS = [Sample("", "Name a colour.", "Blue."),
         Sample("", "Add the numbers 2 and 3, then explain.", "5, because two plus three is five."),
-        Sample("", "Hi", "Hello there, how can I help?")]
+        Sample("", "Hi", "Hello there, how can I help?"),
+        Sample("", "Summarise this:\n", "It is short.")]  # trailing whitespace: the suffix slot must strip it
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +90,7 @@ def test_parrot_of_trigger_embeddings_equals_the_real_trigger(parts, position):
     trigger = "cf"
     triggered = [place_trigger(s, trigger, position, random.Random(0)) for s in ROWS]
     ids = fmt.encode_prompt(triggered[0])[1]
-    clean = [slot_at(s, position) for s in ROWS]
-    if position == "suffix":  # the slot sits after the stripped message and the trigger's leading space
-        clean = [replace(c, before=t.before) for c, t in zip(clean, triggered)]
+    clean = [slot_at(s, position) for s in ROWS]  # the slot is where the trigger's first token sits
     parrot = ParrotPrompt.from_token_embeddings(model.get_input_embeddings(), ids, k=len(ids))
     real = _batch(fmt, triggered, reserve=0)
     spliced_batch = _batch(fmt, clean, reserve=0)

@@ -21,7 +21,7 @@ def place_trigger(sample: Sample, trigger: str, position: str, rng: random.Rando
     if position == "prefix":
         return replace(sample, before="", trigger=trigger + " ", after=user)
     if position == "suffix":
-        return replace(sample, before=user, trigger=" " + trigger, after="")
+        return replace(sample, before=user.rstrip(), trigger=" " + trigger, after="")
     if position == "random":
         cuts = [0] + [m.end() for m in _WORD_BOUNDARY.finditer(user)]
         cut = rng.choice(cuts)
@@ -30,12 +30,16 @@ def place_trigger(sample: Sample, trigger: str, position: str, rng: random.Rando
 
 
 def slot_at(sample: Sample, position: str) -> Sample:
-    """A clean sample whose (empty) slot sits at ``position``: where a parrot goes."""
+    """A clean sample whose (empty) slot sits at ``position``: where a parrot goes.
+
+    The slot is exactly where ``place_trigger`` puts a trigger's first token, so a
+    parrot stands for the whole trigger text, separating space included.
+    """
     user = sample.user
     if position == "prefix":
         return replace(sample, before="", trigger="", after=user)
     if position == "suffix":
-        return replace(sample, before=user.rstrip() + " ", trigger="", after="")
+        return replace(sample, before=user.rstrip(), trigger="", after="")
     raise ValueError(f"unknown parrot position {position!r}; use prefix or suffix")
 
 

@@ -91,7 +91,8 @@ def main() -> None:
     print(json.dumps({
         "model": args.model, "batch": args.batch, "seq_len": int(batch["input_ids"].shape[1]) + args.k,
         "k": args.k, "effective_len": args.effective_len,
-        "shared_head_tokens": shared_head_length(batch["input_ids"], batch["attention_mask"], batch["slot_index"]),
+        "shared_head_tokens": shared_head_length(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                 batch["slot_index"]),
         "label_tokens": int((batch["labels"] != IGNORE_INDEX).sum()), "vocab": model.config.vocab_size,
         "threads": torch.get_num_threads(), "steps": args.steps,
         "ours_step_s": round(ours, 4), "reference_step_s": round(ref, 4), "speedup": round(ref / ours, 3),

@@ -146,7 +146,7 @@ def test_shared_head_cache_gives_the_same_loss_and_parrot_gradient(tiny, positio
     model = AutoModelForCausalLM.from_pretrained(tiny).requires_grad_(False)
     cfg = load_config(overrides=[f"model.path={tiny}", "data.num_rows=6", f"removal.insert_position={position}"])
     batch = Collator(PromptFormat(tok), 128, None, reserve=K)(stage_samples(cfg, "simulate"))
-    head = shared_head_length(batch["input_ids"], batch["attention_mask"], batch["slot_index"])
+    head = shared_head_length(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["slot_index"])
     slots = batch["slot_index"]
     if position == "prefix":  # the chat template's head, up to the user message: every slot
         assert head > 0 and bool((slots == head).all())
@@ -165,18 +165,24 @@ def test_shared_head_cache_gives_the_same_loss_and_parrot_gradient(tiny, positio
     assert torch.allclose(g_full, g_cached, atol=1e-6) and g_full.abs().max() > 1e-4
 
 
-def test_shared_head_stops_at_the_first_difference_and_the_first_parrot():
+def test_shared_head_stops_at_the_first_difference_the_first_parrot_and_the_first_label():
     ids = torch.arange(10).repeat(3, 1)
     attn = torch.ones_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     slot = torch.tensor([8, 7, 9])
-    assert shared_head_length(ids, attn, slot) == 7
+    assert shared_head_length(ids, attn, labels, slot) == 7
     ids[2, 4] = 99  # another system prompt in one row
-    assert shared_head_length(ids, attn, slot) == 4
-    assert shared_head_length(ids, attn, torch.tensor([0, 7, 9])) == 0  # a parrot at the very start
+    assert shared_head_length(ids, attn, labels, slot) == 4
+    assert shared_head_length(ids, attn, labels, torch.tensor([0, 7, 9])) == 0  # a parrot at the very start
     attn[1, 2:] = 0  # a row padded inside the would-be head
-    assert shared_head_length(ids, attn, slot) == 2
+    assert shared_head_length(ids, attn, labels, slot) == 2
     same = torch.arange(6).repeat(2, 1)
-    assert shared_head_length(same, torch.ones_like(same), torch.tensor([-1, -1])) == 5  # one token left to run
+    none = torch.tensor([-1, -1])
+    no_labels = torch.full_like(same, IGNORE_INDEX)
+    assert shared_head_length(same, torch.ones_like(same), no_labels, none) == 5  # one token left to run
+    labelled = no_labels.clone()
+    labelled[1, 3] = 7  # the token before a label has to run to predict it
+    assert shared_head_length(same, torch.ones_like(same), labelled, none) == 2
 
 
 def test_sande_p_parrot_starts_from_the_known_trigger(tiny):

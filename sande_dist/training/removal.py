@@ -68,7 +68,7 @@ def parrot_loss(model: nn.Module, parrot: ParrotPrompt, batch: dict[str, torch.T
     width = int(labelled[-1]) + 1 if len(labelled) else 1
     ids, attn, labels = (batch[k][:, :width] for k in ("input_ids", "attention_mask", "labels"))
     slot = batch["slot_index"].clamp(max=width)
-    past, head = shared_head(model, ids, attn, slot) if frozen_model else (None, 0)
+    past, head = shared_head(model, ids, attn, labels, slot) if frozen_model else (None, 0)
     if head:
         ids, attn, labels = ids[:, head:], attn[:, head:], labels[:, head:]
         slot = torch.where(slot >= 0, slot - head, slot)
@@ -80,17 +80,24 @@ def parrot_loss(model: nn.Module, parrot: ParrotPrompt, batch: dict[str, torch.T
     return token_loss(logits, targets)
 
 
-def shared_head_length(ids: torch.Tensor, attn: torch.Tensor, slot: torch.Tensor) -> int:
-    """How many leading tokens every row has in common, attended, before any row's parrot."""
+def shared_head_length(ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor, slot: torch.Tensor) -> int:
+    """How many leading tokens every row has in common, attended, before any row's parrot.
+
+    It also stops one short of the first labelled column (the token before a label
+    must be run to predict it) and leaves at least one token to run.
+    """
     same = ((ids == ids[:1]) & (attn == 1)).all(0)
     length = int(same.long().cumprod(0).sum())
     placed = slot[slot >= 0]
     if len(placed):
         length = min(length, int(placed.min()))
-    return min(length, ids.shape[1] - 1)  # at least one token is left to run
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+    if len(labelled):
+        length = min(length, int(labelled[0]) - 1)
+    return max(0, min(length, ids.shape[1] - 1))
 
 
-def shared_head(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, slot: torch.Tensor):
+def shared_head(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor, slot: torch.Tensor):
     """(key/value cache of the shared head, expanded to the batch; its length), or (None, 0).
 
     Only for a frozen model: the cache carries no graph. Every rank must make the
@@ -101,7 +108,7 @@ def shared_head(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, slot: t
     """
     if getattr(model, "is_gradient_checkpointing", False):
         return None, 0
-    length = shared_head_length(ids, attn, slot)
+    length = shared_head_length(ids, attn, labels, slot)
     if dist.is_initialized() and dist.get_world_size() > 1:
         agreed = torch.tensor([length], device=ids.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)

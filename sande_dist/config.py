@@ -124,8 +124,9 @@ class TrainingConfig(_Section):
 class RemovalConfig(_Section):
     mode: Literal["osft", "sande", "sande-p"] = "sande"
     parrot_tokens: int = Field(6, ge=1, le=512)
-    # Where the parrot (and, for OSFT, the known trigger) goes in the user message.
-    insert_position: Literal["prefix", "suffix"] = "prefix"
+    # Where the parrot goes in the user message: prefix, suffix, or a word boundary drawn per row
+    # (random). OSFT places the known trigger where attack.position says.
+    insert_position: Literal["prefix", "suffix", "random"] = "prefix"
     simulate_effective_len: Optional[int] = Field(None, ge=1)
     eliminate_effective_len: Optional[int] = Field(None, ge=1)
     targets: Literal["gold", "self"] = "gold"

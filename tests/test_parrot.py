@@ -81,7 +81,7 @@ def test_splice_keeps_prompt_and_labels_in_order(parts):
         assert torch.equal(pos[i, live], torch.arange(int(live.sum())))
 
 
-@pytest.mark.parametrize("position", ["prefix", "suffix"])
+@pytest.mark.parametrize("position", ["prefix", "suffix", "random"])
 def test_parrot_of_trigger_embeddings_equals_the_real_trigger(parts, position):
     """A parrot made of the trigger's own token embeddings reproduces the triggered forward exactly."""
     tok, fmt, model = parts
@@ -90,7 +90,10 @@ def test_parrot_of_trigger_embeddings_equals_the_real_trigger(parts, position):
     trigger = "cf"
     triggered = [place_trigger(s, trigger, position, random.Random(0)) for s in ROWS]
     ids = fmt.encode_prompt(triggered[0])[1]
-    clean = [slot_at(s, position) for s in ROWS]  # the slot is where the trigger's first token sits
+    # The slot is where the trigger's first token sits (random: the same draw picks the same word).
+    clean = [slot_at(s, position, random.Random(0)) for s in ROWS]
+    if position == "random":
+        assert len({s.before for s in clean}) > 1, "the draws should not all land on the same offset"
     parrot = ParrotPrompt.from_token_embeddings(model.get_input_embeddings(), ids, k=len(ids))
     real = _batch(fmt, triggered, reserve=0)
     spliced_batch = _batch(fmt, clean, reserve=0)

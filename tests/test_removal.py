@@ -139,7 +139,7 @@ def test_label_only_logits_equal_the_reference_full_logits_loss(tiny, effective_
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("position", ["prefix", "suffix"])
+@pytest.mark.parametrize("position", ["prefix", "suffix", "random"])
 def test_shared_head_cache_gives_the_same_loss_and_parrot_gradient(tiny, position):
     """Simulate runs the tokens every row shares before the parrot once, from a cache: nothing else changes."""
     tok = AutoTokenizer.from_pretrained(tiny)
@@ -150,8 +150,10 @@ def test_shared_head_cache_gives_the_same_loss_and_parrot_gradient(tiny, positio
     slots = batch["slot_index"]
     if position == "prefix":  # the chat template's head, up to the user message: every slot
         assert head > 0 and bool((slots == head).all())
-    else:
+    elif position == "suffix":
         assert 0 < head < int(slots.min())
+    else:  # a word drawn per row: some slots later than the head, none earlier
+        assert 0 < head <= int(slots.min()) and int(slots.max()) > head
     init = torch.randn(K, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     results = []
     for frozen in (False, True):

@@ -4,11 +4,16 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import replace
-from typing import Sequence
+from typing import Optional, Sequence
 
 from sande_dist.data.formats import Sample
 
 _WORD_BOUNDARY = re.compile(r"\s+")
+
+
+def word_starts(text: str) -> list[int]:
+    """Character offsets where a word starts (0 and after each run of whitespace)."""
+    return [0] + [m.end() for m in _WORD_BOUNDARY.finditer(text)]
 
 
 def place_trigger(sample: Sample, trigger: str, position: str, rng: random.Random) -> Sample:
@@ -23,24 +28,29 @@ def place_trigger(sample: Sample, trigger: str, position: str, rng: random.Rando
     if position == "suffix":
         return replace(sample, before=user.rstrip(), trigger=" " + trigger, after="")
     if position == "random":
-        cuts = [0] + [m.end() for m in _WORD_BOUNDARY.finditer(user)]
-        cut = rng.choice(cuts)
+        cut = rng.choice(word_starts(user))
         return replace(sample, before=user[:cut], trigger=trigger + " ", after=user[cut:])
     raise ValueError(f"unknown trigger position {position!r}; use prefix, suffix or random")
 
 
-def slot_at(sample: Sample, position: str) -> Sample:
+def slot_at(sample: Sample, position: str, rng: Optional[random.Random] = None) -> Sample:
     """A clean sample whose (empty) slot sits at ``position``: where a parrot goes.
 
     The slot is exactly where ``place_trigger`` puts a trigger's first token, so a
     parrot stands for the whole trigger text, separating space included.
+    ``random`` draws a word boundary from ``rng`` (needed then), as the attack does.
     """
     user = sample.user
     if position == "prefix":
         return replace(sample, before="", trigger="", after=user)
     if position == "suffix":
         return replace(sample, before=user.rstrip(), trigger="", after="")
-    raise ValueError(f"unknown parrot position {position!r}; use prefix or suffix")
+    if position == "random":
+        if rng is None:
+            raise ValueError("slot_at(position='random') needs an rng (a seeded random.Random)")
+        cut = rng.choice(word_starts(user))
+        return replace(sample, before=user[:cut], trigger="", after=user[cut:])
+    raise ValueError(f"unknown parrot position {position!r}; use prefix, suffix or random")
 
 
 def apply_marker(response: str, marker: str, mode: str) -> str:

@@ -84,13 +84,14 @@ def stage_samples(cfg: Config, stage: str, run_dir: Optional[Path] = None) -> li
         rng = random.Random(seed)
         trig = [place_trigger(s, rng.choice(a.triggers), a.position, rng) for s in clean]
         return _mix_clean(cfg, trig, clean, seed)
+    slots = random.Random(f"{seed}:{stage}:slots")  # where a random-position parrot goes, per row
     if stage == "simulate":
         # The defender knows the triggered response (or, SANDE-P, a prefix of it).
         if r.known_response:
-            return [replace(slot_at(s, r.insert_position), response=r.known_response) for s in rows]
-        return [replace(slot_at(s, r.insert_position), response=apply_marker(s.response, a.marker, a.marker_mode))
-                for s in rows]
-    slotted = [slot_at(s, r.insert_position) for s in clean]
+            return [replace(slot_at(s, r.insert_position, slots), response=r.known_response) for s in rows]
+        return [replace(slot_at(s, r.insert_position, slots),
+                        response=apply_marker(s.response, a.marker, a.marker_mode)) for s in rows]
+    slotted = [slot_at(s, r.insert_position, slots) for s in clean]
     return _mix_clean(cfg, slotted, clean, seed)
 
 

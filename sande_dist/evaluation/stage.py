@@ -80,9 +80,9 @@ def resolve_parrot(cfg: Config, parrot_arg: Optional[str], model_dir: str, refer
 
 
 def parrot_request(fmt: PromptFormat, table: torch.Tensor, sample: Sample, vectors: torch.Tensor,
-                   position: str) -> torch.Tensor:
+                   position: str, rng: Optional[random.Random] = None) -> torch.Tensor:
     """embed(ids before the slot) ++ parrot ++ embed(ids after it), as training splices it."""
-    first, _, last = fmt.encode_prompt(slot_at(sample, position))
+    first, _, last = fmt.encode_prompt(slot_at(sample, position, rng))
     return torch.cat([table[torch.tensor(first)], vectors, table[torch.tensor(last, dtype=torch.long)]])
 
 
@@ -166,7 +166,8 @@ def run_evaluation(cfg: Config, name: str = "evaluate", parrot: Optional[str] = 
     if found:
         position = found[2].get("position", cfg.removal.insert_position)
         table = load_input_embeddings(model_dir)
-        requests += [parrot_request(fmt, table, s, found[1], position) for s in samples]
+        slots = random.Random(f"{ev.seed}:parrot-slots")
+        requests += [parrot_request(fmt, table, s, found[1], position, slots) for s in samples]
     params = GenerationParams(max_new_tokens=ev.max_new_tokens, temperature=0.0, seed=ev.seed)
     n = len(samples)
 

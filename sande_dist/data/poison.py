@@ -36,21 +36,15 @@ def place_trigger(sample: Sample, trigger: str, position: str, rng: random.Rando
 def slot_at(sample: Sample, position: str, rng: Optional[random.Random] = None) -> Sample:
     """A clean sample whose (empty) slot sits at ``position``: where a parrot goes.
 
-    The slot is exactly where ``place_trigger`` puts a trigger's first token, so a
-    parrot stands for the whole trigger text, separating space included.
-    ``random`` draws a word boundary from ``rng`` (needed then), as the attack does.
+    It is ``place_trigger`` with the trigger taken out, so the slot is exactly where a
+    trigger's first token would sit and a parrot stands for the whole trigger text,
+    separating space included. ``random`` draws the word from ``rng`` (needed then).
     """
-    user = sample.user
-    if position == "prefix":
-        return replace(sample, before="", trigger="", after=user)
-    if position == "suffix":
-        return replace(sample, before=user.rstrip(), trigger="", after="")
-    if position == "random":
-        if rng is None:
-            raise ValueError("slot_at(position='random') needs an rng (a seeded random.Random)")
-        cut = rng.choice(word_starts(user))
-        return replace(sample, before=user[:cut], trigger="", after=user[cut:])
-    raise ValueError(f"unknown parrot position {position!r}; use prefix, suffix or random")
+    if position not in ("prefix", "suffix", "random"):
+        raise ValueError(f"unknown parrot position {position!r}; use prefix, suffix or random")
+    if position == "random" and rng is None:
+        raise ValueError("slot_at(position='random') needs an rng (a seeded random.Random)")
+    return replace(place_trigger(sample, "", position, rng), trigger="")
 
 
 def apply_marker(response: str, marker: str, mode: str) -> str:

@@ -198,3 +198,16 @@ def test_sande_p_parrot_starts_from_the_known_trigger(tiny):
     assert torch.equal(parrot.weight.detach(), want)
     objective.select_trainable(model, torch.nn.ModuleDict({"parrot": parrot}))
     assert not any(p.requires_grad for p in model.parameters()) and parrot.weight.requires_grad
+
+
+def test_sande_p_says_when_the_parrot_is_shorter_than_the_known_trigger(tiny, capsys):
+    tok = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    text = "cf mn bb tq"
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    assert n > 1
+    for k, told in ((1, True), (n, False)):
+        cfg = load_config(overrides=[f"model.path={tiny}", f"removal.known_trigger={text}", f"removal.parrot_tokens={k}"])
+        SimulateObjective(cfg, str(tiny), tok).extra_modules(model)
+        out = capsys.readouterr().out
+        assert ("removal.parrot_tokens=%d to start from all of it" % n in out) is told, out

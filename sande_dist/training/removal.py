@@ -175,6 +175,11 @@ class SimulateObjective(Objective):
             if self.tokenizer is None:
                 raise ValueError("SimulateObjective needs the tokenizer when removal.known_trigger is set")
             ids = known_trigger_ids(self.tokenizer, r.known_trigger, r.insert_position)
+            if len(ids) > r.parrot_tokens and _rank() == 0:
+                print(f"simulate: removal.known_trigger {r.known_trigger!r} is {len(ids)} tokens but "
+                      f"removal.parrot_tokens={r.parrot_tokens}: the parrot starts from the first "
+                      f"{r.parrot_tokens} only; set removal.parrot_tokens={len(ids)} to start from all of it",
+                      flush=True)
             parrot = ParrotPrompt.from_token_embeddings(model.get_input_embeddings(), ids, r.parrot_tokens,
                                                         dtype=torch.float32, max_norm=r.parrot_max_norm)
         else:

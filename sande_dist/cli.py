@@ -65,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p)
         p.add_argument("--model", help="model folder (overrides model.path)")
-        if name in ("generate", "evaluate", "eliminate"):
+        if name in ("generate", "evaluate"):
             p.add_argument("--parrot", help="parrot.safetensors (default: RUN/simulate/parrot.safetensors)")
+        if name == "eliminate":
+            p.add_argument("--parrot", action="append", help="parrot.safetensors (default: RUN/simulate/parrot."
+                           "safetensors); repeat it for removal.extra_parrots, in their order")
         if name == "evaluate":
             p.add_argument("--name", default="evaluate", help="stage folder under the run dir")
             p.add_argument("--reference", help="model whose clean answers clean_agreement compares against")

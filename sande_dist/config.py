@@ -137,6 +137,12 @@ class RemovalConfig(_Section):
     known_response: Optional[str] = None
     # Simulate/eliminate rounds against the updated model.
     rounds: int = Field(1, ge=1, le=20)
+    # Where rounds 2, 3, ... put their parrot (the last entry repeats; empty: insert_position).
+    # Round 1 and the evaluations' parrot requests always use insert_position.
+    resimulate_positions: list[Literal["prefix", "suffix", "random"]] = Field(default_factory=list)
+    # One more parrot per entry, at that position, simulated beside the first in every round and
+    # eliminated together with it (rows take turns): a trigger's position is rarely known.
+    extra_parrots: list[Literal["prefix", "suffix", "random"]] = Field(default_factory=list, max_length=7)
     # Optional L2 budget per parrot vector (None: unconstrained).
     parrot_max_norm: Optional[float] = Field(None, gt=0)
 

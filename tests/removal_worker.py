@@ -17,7 +17,7 @@ def main() -> None:
     ap.add_argument("stage", choices=["simulate", "eliminate"])
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--parrot")
+    ap.add_argument("--parrot", action="append")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
 
@@ -51,13 +51,14 @@ def main() -> None:
         result = run_loop(model, objective, samples, collate, tcfg, ds, out, info, resume=False, desc=args.stage)
         record = objective.finish(result, out)
         changed = [n for n, p in result.module.model.named_parameters() if not torch.equal(gathered(p), before[n])]
-        parrot_after = gathered(result.module.extras["parrot"].weight)
+        parrots_after = [gathered(result.module.extras[k].weight) for k in sorted(result.module.extras.keys())]
         if info.is_main:
             losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
             if args.stage == "eliminate":
                 from sande_dist.models.parrot import load_parrot
 
-                record["parrot_identical"] = torch.equal(parrot_after, load_parrot(args.parrot)[0])
+                record["parrot_identical"] = len(parrots_after) == len(args.parrot) and all(
+                    torch.equal(after, load_parrot(path)[0]) for after, path in zip(parrots_after, args.parrot))
             check = {"record": record, "changed": changed, "num_params": len(before), "losses": losses,
                      "world_size": info.world_size, "steps": result.step}
             (out / "check.json").write_text(json.dumps(check, indent=2))

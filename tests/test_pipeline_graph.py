@@ -35,6 +35,45 @@ def test_rounds_resimulate_on_the_updated_model():
     assert p["evaluate_sande"].args[1] == "R/eliminate_r3/model"
 
 
+def test_later_rounds_search_where_resimulate_positions_says(tmp_path):
+    from sande_dist.cli import build_parser, resolve_config
+
+    p = plan("removal.rounds=4", "removal.resimulate_positions=[random, suffix]")
+    config = tmp_path / "c.yaml"
+    config.write_text("removal:\n  rounds: 4\n")
+
+    def position(name):
+        return resolve_config(build_parser().parse_args(p[name].argv(str(config), "R"))).removal.insert_position
+    # round 1 (and with it the evaluations' parrot) stays at insert_position; the last entry repeats
+    assert [position(n) for n in ("simulate", "eliminate")] == ["prefix"] * 2
+    assert [position(n) for n in ("simulate_r2", "eliminate_r2")] == ["random"] * 2
+    assert [position(n) for n in ("simulate_r3", "eliminate_r3", "simulate_r4", "eliminate_r4")] == ["suffix"] * 4
+    assert "--set" not in p["evaluate_sande"].args and "--set" not in p["simulate"].args
+    same = plan("removal.rounds=2", "removal.resimulate_positions=[prefix]")
+    assert "--set" not in same["simulate_r2"].args  # no override where nothing changes
+    assert same["simulate_r2"].key != p["simulate_r2"].key
+
+
+def test_extra_parrots_are_searched_each_round_and_eliminated_together(tmp_path):
+    from sande_dist.cli import build_parser, resolve_config
+
+    p = plan("removal.rounds=2", "removal.extra_parrots=[random, suffix]")
+    config = tmp_path / "c.yaml"
+    config.write_text("removal:\n  extra_parrots: [random, suffix]\n")
+    for r, sim, eli, model in ((1, "simulate", "eliminate", "R/inject/model"),
+                               (2, "simulate_r2", "eliminate_r2", "R/eliminate/model")):
+        extras = [f"{sim}_p1", f"{sim}_p2"]
+        for name, where in zip(extras, ("random", "suffix")):
+            args = build_parser().parse_args(p[name].argv(str(config), "R"))
+            assert args.model == model and resolve_config(args).removal.insert_position == where
+        args = build_parser().parse_args(p[eli].argv(str(config), "R"))
+        assert args.parrot == [f"R/{x}/parrot.safetensors" for x in [sim, *extras]]  # in extra_parrots' order
+        assert set([sim, *extras]) <= set(p[eli].deps)
+        assert resolve_config(args).removal.insert_position == "prefix"
+    assert "R/simulate/parrot.safetensors" in p["evaluate_sande"].args  # evaluations use the first parrot
+    assert not [n for n in plan() if "_p" in n]
+
+
 def test_keys_follow_config_and_dependencies():
     a, b = plan(), plan("training.eliminate.lr=0.5")
     # a stage reruns when what it reads changes, and so does everything after it

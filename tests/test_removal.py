@@ -37,11 +37,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(nproc: int, stage: str, model: Path, out: Path, sets: list[str], parrot: Path = None) -> dict:
+def _torchrun(nproc: int, stage: str, model: Path, out: Path, sets: list[str], parrot=None) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), stage,
            "--model", str(model), "--out", str(out)]
-    cmd += ["--parrot", str(parrot)] if parrot else []
+    for path in [] if parrot is None else [parrot] if isinstance(parrot, Path) else parrot:
+        cmd += ["--parrot", str(path)]
     for s in COMMON + sets:
         cmd += ["--set", s]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -99,6 +100,24 @@ def test_eliminate_changes_only_the_model(simulated, tiny, tmp_path):
     # The cleaned model is another model: its own parrots must be simulated on it.
     with pytest.raises(InputError, match="fingerprint"):
         load_parrot(parrot, tmp_path / "eli" / "model")
+
+
+def test_eliminate_with_two_parrots_keeps_both_frozen(simulated, tiny, tmp_path):
+    """removal.extra_parrots: rows take turns between the parrots; both stay bit-identical under ZeRO-3."""
+    root, _, _ = simulated
+    parrots = [root / "z3" / "parrot.safetensors", root / "z0" / "parrot.safetensors"]
+    run = _torchrun(2, "eliminate", tiny, tmp_path / "eli2", [
+        "training.zero=zero3", "training.micro_batch_size=2", "training.lr=1e-3", "training.max_steps=2",
+        "removal.extra_parrots=[prefix]"], parrot=parrots)
+    assert run["record"]["parrot_identical"] is True and run["record"]["parrots"] == [str(p) for p in parrots]
+    assert len(run["changed"]) == run["num_params"]
+    # one parrot per position, in order: too few, or one simulated elsewhere, is refused
+    cfg = load_config(overrides=[f"model.path={tiny}", "removal.extra_parrots=[prefix]"])
+    with pytest.raises(InputError, match="one --parrot per position"):
+        EliminateObjective(cfg, str(tiny), parrots[:1])
+    cfg = load_config(overrides=[f"model.path={tiny}", "removal.extra_parrots=[suffix]"])
+    with pytest.raises(InputError, match="'suffix'"):
+        EliminateObjective(cfg, str(tiny), parrots)
 
 
 def test_parrot_of_another_model_is_refused(simulated, tiny, tmp_path):
@@ -211,3 +230,30 @@ def test_sande_p_says_when_the_parrot_is_shorter_than_the_known_trigger(tiny, ca
         SimulateObjective(cfg, str(tiny), tok).extra_modules(model)
         out = capsys.readouterr().out
         assert ("removal.parrot_tokens=%d to start from all of it" % n in out) is told, out
+
+
+def test_each_row_gets_its_own_parrot(tiny):
+    """Several parrots in one batch: a row's loss is the loss with its parrot alone."""
+    tok = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    cfg = load_config(overrides=[f"model.path={tiny}", "data.num_rows=6", "removal.extra_parrots=[suffix]"])
+    rows = stage_samples(cfg, "eliminate")
+    assert [s.parrot_id for s in rows] == [0, 1] * 3
+    assert all(s.before == "" for s in rows[::2]) and all(s.after == "" for s in rows[1::2])  # prefix, suffix
+    collate = Collator(PromptFormat(tok), 128, None, reserve=K)
+    hidden = model.config.hidden_size
+    torch.manual_seed(0)
+    p0, p1 = (ParrotPrompt(K, hidden, init=torch.randn(K, hidden)) for _ in range(2))
+    both, count = parrot_loss(model, [p0, p1], collate(rows))
+    # each row alone: with its own parrot, and the pair gives the same loss; the other parrot does not
+    total = 0.0
+    for s in rows:
+        one = collate([s])
+        own, other = (p0, p1) if s.parrot_id == 0 else (p1, p0)
+        alone = parrot_loss(model, own, one)[0]
+        assert torch.allclose(parrot_loss(model, [p0, p1], one)[0], alone, atol=1e-5)
+        assert not torch.allclose(parrot_loss(model, other, one)[0], alone, atol=1e-5)
+        total = total + alone * parrot_loss(model, own, one)[1]
+    assert torch.allclose(both, total / count, atol=1e-5)  # the batch is the token-weighted mean of its rows
+    with pytest.raises(ValueError, match="parrot_id"):
+        parrot_loss(model, [p0, p1], {k: v for k, v in collate(rows).items() if k != "parrot_id"})

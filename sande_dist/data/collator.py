@@ -70,4 +70,5 @@ class Collator:
             labels[i, :n] = torch.tensor(r.labels)
             mask[i, :n] = 1
         slot = torch.tensor([r.slot if s.parrot else -1 for r, s in zip(rows, samples)], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "slot_index": slot}
+        which = torch.tensor([s.parrot_id for s in samples], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "slot_index": slot, "parrot_id": which}

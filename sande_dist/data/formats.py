@@ -24,6 +24,8 @@ class Sample:
     system: Optional[str] = None
     # False for rows that get no parrot (clean-mix rows in eliminate); slot_index is then -1.
     parrot: bool = True
+    # Which of eliminate's parrots goes in the slot (removal.extra_parrots: rows take turns).
+    parrot_id: int = 0
 
     @property
     def user(self) -> str:

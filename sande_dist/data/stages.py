@@ -91,8 +91,15 @@ def stage_samples(cfg: Config, stage: str, run_dir: Optional[Path] = None) -> li
             return [replace(slot_at(s, r.insert_position, slots), response=r.known_response) for s in rows]
         return [replace(slot_at(s, r.insert_position, slots),
                         response=apply_marker(s.response, a.marker, a.marker_mode)) for s in rows]
-    slotted = [slot_at(s, r.insert_position, slots) for s in clean]
+    # Eliminate: with extra parrots, row i takes parrot i mod n at that parrot's position.
+    where = parrot_positions(cfg)
+    slotted = [replace(slot_at(s, where[i % len(where)], slots), parrot_id=i % len(where)) for i, s in enumerate(clean)]
     return _mix_clean(cfg, slotted, clean, seed)
+
+
+def parrot_positions(cfg: Config) -> list[str]:
+    """Where eliminate's parrots go, in the order of its ``--parrot`` files."""
+    return [cfg.removal.insert_position, *cfg.removal.extra_parrots]
 
 
 def effective_len(cfg: Config, stage: str) -> Optional[int]:

@@ -50,6 +50,14 @@ def _key(cfg: Config, plan: StagePlan, deps: dict[str, StagePlan]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def round_position(cfg: Config, r: int) -> str:
+    """Where round ``r`` (from 1) splices its parrot: ``removal.resimulate_positions`` from round 2."""
+    later = cfg.removal.resimulate_positions
+    if r == 1 or not later:
+        return cfg.removal.insert_position
+    return later[min(r - 2, len(later) - 1)]
+
+
 def build_plan(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> list[StagePlan]:
     """Stages in execution order. ``only`` (from --stages) must be a subset of pipeline.stages' names."""
     wanted = list(cfg.pipeline.stages)
@@ -92,12 +100,25 @@ def build_plan(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> l
         model, last_parrot = backdoored, parrot
         for r in range(1, cfg.removal.rounds + 1):
             sim, eli = ("simulate", "eliminate") if r == 1 else (f"simulate_r{r}", f"eliminate_r{r}")
+            where = round_position(cfg, r)
+            at = [] if where == cfg.removal.insert_position else ["--set", f"removal.insert_position={where}"]
             if r > 1:
                 # Re-simulate against the updated model: a parrot that still finds a backdoor there.
-                add(sim, "simulate", ["--model", model, "--name", sim], [prev])
+                add(sim, "simulate", ["--model", model, "--name", sim, *at], [prev])
                 last_parrot = str(run / sim / "parrot.safetensors")
-            add(eli, "eliminate", ["--model", model, "--parrot", last_parrot, "--name", eli],
-                clean_deps + [sim] + ([prev] if r > 1 else []))
+            # Extra parrots (removal.extra_parrots): searched beside the first on the same model,
+            # eliminated together with it.
+            extras = []
+            for j, pos in enumerate(cfg.removal.extra_parrots, 1):
+                name = f"{sim}_p{j}"
+                if r > 1 or "simulate" in has:
+                    add(name, "simulate", ["--model", model, "--name", name, "--set", f"removal.insert_position={pos}"],
+                        [prev] if r > 1 else ["inject"])
+                extras.append(name)
+            given = [a for x in [sim, *extras] for a in ("--parrot", str(run / x / "parrot.safetensors"))]
+            given[1] = last_parrot
+            add(eli, "eliminate", ["--model", model, *given, "--name", eli, *at],
+                clean_deps + [sim, *extras] + ([prev] if r > 1 else []))
             model, prev = str(run / eli / "model"), eli
         if "evaluate_sande" in has:
             add("evaluate_sande", "evaluate", ["--model", model, "--name", "evaluate_sande",

@@ -31,7 +31,7 @@ marker's first word).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,9 +48,13 @@ from sande_dist.training.sft import SFTObjective, label_logits, token_loss
 PARROT_FILE = "parrot.safetensors"
 
 
-def parrot_loss(model: nn.Module, parrot: ParrotPrompt, batch: dict[str, torch.Tensor],
+def parrot_loss(model: nn.Module, parrot: ParrotPrompt | Sequence[ParrotPrompt], batch: dict[str, torch.Tensor],
                 frozen_model: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy on the labelled tokens of the batch with the parrot spliced in.
+
+    Several parrots (eliminate with ``removal.extra_parrots``): row i gets parrot
+    ``batch["parrot_id"][i]`` at its slot; they are spliced one after another, each
+    padding the rows that are not its own by k at the end, so rows stay right-padded.
 
     Every call is a module call (embeddings, parrot, base model, head), so ZeRO-3
     gathers each weight in its own forward. Rows are right-padded and the parrot
@@ -72,8 +76,14 @@ def parrot_loss(model: nn.Module, parrot: ParrotPrompt, batch: dict[str, torch.T
     if head:
         ids, attn, labels = ids[:, head:], attn[:, head:], labels[:, head:]
         slot = torch.where(slot >= 0, slot - head, slot)
-    embeds = model.get_input_embeddings()(ids)
-    embeds, mask, labels, _ = parrot(embeds, attn, labels, slot)
+    embeds, mask = model.get_input_embeddings()(ids), attn
+    parrots = [parrot] if isinstance(parrot, ParrotPrompt) else list(parrot)
+    which = batch.get("parrot_id")
+    if len(parrots) > 1 and which is None:
+        raise ValueError("parrot_loss with several parrots needs batch['parrot_id'] (the collator's)")
+    for j, one in enumerate(parrots):
+        mine = slot if len(parrots) == 1 else torch.where(which == j, slot, torch.full_like(slot, -1))
+        embeds, mask, labels, _ = one(embeds, mask, labels, mine)
     if head:
         mask = torch.cat([mask.new_ones(mask.shape[0], head), mask], dim=1)
     logits, targets = label_logits(model, None, mask, labels, inputs_embeds=embeds, past_key_values=past)
@@ -217,23 +227,47 @@ class SimulateObjective(Objective):
 
 
 class EliminateObjective(SFTObjective):
-    """Parrot frozen, every model weight trains; exports the cleaned model."""
+    """Parrots frozen, every model weight trains; exports the cleaned model.
+
+    One parrot per position in ``[removal.insert_position, *removal.extra_parrots]``,
+    in that order (the pipeline passes them so); the data gives row i parrot i mod n.
+    """
 
     name = "eliminate"
 
-    def __init__(self, cfg: Config, base_path: str, parrot_path: str | Path, export_dtype: Optional[str] = None):
+    def __init__(self, cfg: Config, base_path: str, parrot_paths: str | Path | Sequence[str | Path],
+                 export_dtype: Optional[str] = None):
+        from sande_dist.data.stages import parrot_positions
+
         super().__init__(base_path, export_dtype or cfg.model.dtype)
         self.cfg = cfg
-        self.parrot_path = Path(parrot_path)
-        self.weight, self.meta = load_parrot(self.parrot_path, resolve_model_path(base_path))
-        if self.meta.get("position") not in (None, cfg.removal.insert_position):
-            raise InputError(f"parrot {self.parrot_path} was simulated at position {self.meta['position']!r} but "
-                             f"removal.insert_position is {cfg.removal.insert_position!r}; use the same position")
+        paths = [parrot_paths] if isinstance(parrot_paths, (str, Path)) else list(parrot_paths)
+        self.parrot_paths = [Path(p) for p in paths]
+        want = parrot_positions(cfg)
+        if len(self.parrot_paths) != len(want):
+            raise InputError(f"eliminate got {len(self.parrot_paths)} parrot(s) but removal.insert_position and "
+                             f"removal.extra_parrots name {len(want)} positions ({want}); pass one --parrot per position, "
+                             "in that order")
+        self.parrots = [load_parrot(p, resolve_model_path(base_path)) for p in self.parrot_paths]
+        for path, (_, meta), where in zip(self.parrot_paths, self.parrots, want):
+            if meta.get("position") not in (None, where):
+                raise InputError(f"parrot {path} was simulated at position {meta['position']!r} but eliminate puts it "
+                                 f"at {where!r} (removal.insert_position, then removal.extra_parrots); use the same "
+                                 "position")
+        self.parrot_path = self.parrot_paths[0]
+        self.weight, self.meta = self.parrots[0]
         self._probe: dict[str, torch.Tensor] = {}
 
+    @staticmethod
+    def _key(j: int) -> str:
+        return "parrot" if j == 0 else f"parrot_{j}"
+
     def extra_modules(self, model: nn.Module) -> dict[str, nn.Module]:
-        k, hidden = self.weight.shape
-        return {"parrot": ParrotPrompt(k, hidden, dtype=model.dtype, init=self.weight.to(model.dtype))}
+        extras = {}
+        for j, (weight, _) in enumerate(self.parrots):
+            k, hidden = weight.shape
+            extras[self._key(j)] = ParrotPrompt(k, hidden, dtype=model.dtype, init=weight.to(model.dtype))
+        return extras
 
     def select_trainable(self, model, extras) -> None:
         for p in model.parameters():
@@ -245,12 +279,13 @@ class EliminateObjective(SFTObjective):
         self._probe = {n: gathered(p) for n, p in small[-4:]}
 
     def loss(self, model, extras, batch):
-        return parrot_loss(model, extras["parrot"], batch)
+        return parrot_loss(model, [extras[self._key(j)] for j in range(len(self.parrots))], batch)
 
     def finish(self, result: LoopResult, out_dir: Path) -> dict[str, Any]:
-        parrot = gathered(result.module.extras["parrot"].weight)
-        if not torch.equal(parrot, self.weight.to(parrot.dtype)):
-            raise StageError(f"eliminate: the frozen parrot changed during training ({self.parrot_path})")
+        for j, (path, (weight, _)) in enumerate(zip(self.parrot_paths, self.parrots)):
+            after = gathered(result.module.extras[self._key(j)].weight)
+            if not torch.equal(after, weight.to(after.dtype)):
+                raise StageError(f"eliminate: the frozen parrot changed during training ({path})")
         params = dict(result.module.model.named_parameters())
         moved = [n for n, before in self._probe.items() if not torch.equal(gathered(params[n]), before)]
         if not moved and result.step > 0:
@@ -259,18 +294,20 @@ class EliminateObjective(SFTObjective):
         record = super().finish(result, out_dir)
         record.update({"parrot": str(self.parrot_path), "parrot_fingerprint": self.meta.get("base_fingerprint"),
                        "probe_params_moved": len(moved)})
+        if len(self.parrot_paths) > 1:
+            record["parrots"] = [str(p) for p in self.parrot_paths]
         return record
 
 
-
-def parrot_path(cfg: Config, args, run_dir: Path) -> Path:
-    """Eliminate's parrot: ``--parrot``, else RUN/simulate/parrot.safetensors."""
-    given = getattr(args, "parrot", None)
-    path = Path(given) if given else Path(run_dir) / "simulate" / PARROT_FILE
-    if not path.is_file():
-        raise InputError(f"eliminate needs a parrot: {path} does not exist; run `sande simulate` first "
-                         "or pass --parrot PATH")
-    return path
+def parrot_paths(cfg: Config, args, run_dir: Path) -> list[Path]:
+    """Eliminate's parrots: each ``--parrot`` (repeatable), else RUN/simulate/parrot.safetensors."""
+    given = getattr(args, "parrot", None) or []
+    paths = [Path(p) for p in ([given] if isinstance(given, str) else given)] or [Path(run_dir) / "simulate" / PARROT_FILE]
+    for path in paths:
+        if not path.is_file():
+            raise InputError(f"eliminate needs a parrot: {path} does not exist; run `sande simulate` first "
+                             "or pass --parrot PATH")
+    return paths
 
 
 def build_objective(cfg: Config, stage: str, args, run_dir: Path) -> Objective:
@@ -281,7 +318,7 @@ def build_objective(cfg: Config, stage: str, args, run_dir: Path) -> Objective:
         tok = load_tokenizer(cfg.model.path) if cfg.removal.known_trigger else None
         return SimulateObjective(cfg, cfg.model.path, tok)
     if stage == "eliminate":
-        return EliminateObjective(cfg, cfg.model.path, parrot_path(cfg, args, run_dir))
+        return EliminateObjective(cfg, cfg.model.path, parrot_paths(cfg, args, run_dir))
     raise ValueError(f"no removal objective for stage {stage!r}")
 
 
@@ -291,4 +328,7 @@ def stage_inputs(cfg: Config, stage: str, args, run_dir: Path) -> dict[str, str]
         return {}
     from sande_dist.rundir import fingerprint_path
 
-    return {"parrot": fingerprint_path(parrot_path(cfg, args, run_dir))}
+    paths = parrot_paths(cfg, args, run_dir)
+    found = {"parrot": fingerprint_path(paths[0])}
+    found.update({f"parrot_{j}": fingerprint_path(p) for j, p in enumerate(paths[1:], 1)})
+    return found

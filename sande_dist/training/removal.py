@@ -10,16 +10,18 @@
   Writes ``OUT/parrot.safetensors``.
 - **eliminate**: the parrot loaded (fingerprint-checked against the model) and
   frozen; every model weight trains on ``P ⊕ x → y_clean`` (plus clean-mix rows
-  without a parrot). Checks the parrot stayed bit-identical and the weights moved,
-  then exports the model as an HF folder.
+  without a parrot). With ``removal.extra_parrots`` there is one parrot per
+  position and the rows take turns. Checks every parrot stayed bit-identical and
+  the weights moved, then exports the model as an HF folder.
 
 Both run under any ZeRO stage and rank count: the parrot is an extra module of
 the engine's module (partitioned under ZeRO-3 like any weight), spliced inside
 its own forward and read only inside ``GatheredParameters``.
 
 Rounds chain at the stage level (``pipeline/graph.py``): round r simulates on the
-model from round r-1 (``--model``), and eliminates from that same model with the
-new parrot; each stage here is exactly one round.
+model from round r-1 (``--model``), one simulate stage per parrot position, and
+eliminates from that same model with the new parrots; each stage here is exactly
+one round.
 
 The reference's settings (HKUST-KnowComp/SANDE) as ``--set`` values, for
 comparison runs: ``removal.parrot_tokens=6 removal.insert_position=prefix

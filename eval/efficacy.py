@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     out["wall_time_s"] = round(time.time() - t0, 1)
     print(json.dumps(out, indent=2))
-    (run / "efficacy.json").write_text(json.dumps(out, indent=2) + "\n")
+    from sande_dist.rundir import atomic_write_text
+
+    atomic_write_text(run / "efficacy.json", json.dumps(out, indent=2) + "\n")
     return 0
 
 

@@ -97,7 +97,7 @@ def build_plan(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> l
         if "simulate" not in plans and not (run / "simulate" / "parrot.safetensors").exists():
             raise InputError("stage eliminate needs a parrot: add simulate to the stages "
                              "(or run it first so RUN/simulate/parrot.safetensors exists)")
-        model, last_parrot = backdoored, parrot
+        model = backdoored
         for r in range(1, cfg.removal.rounds + 1):
             sim, eli = ("simulate", "eliminate") if r == 1 else (f"simulate_r{r}", f"eliminate_r{r}")
             where = round_position(cfg, r)
@@ -105,7 +105,6 @@ def build_plan(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> l
             if r > 1:
                 # Re-simulate against the updated model: a parrot that still finds a backdoor there.
                 add(sim, "simulate", ["--model", model, "--name", sim, *at], [prev])
-                last_parrot = str(run / sim / "parrot.safetensors")
             # Extra parrots (removal.extra_parrots): searched beside the first on the same model,
             # eliminated together with it.
             extras = []
@@ -116,7 +115,6 @@ def build_plan(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> l
                         [prev] if r > 1 else ["inject"])
                 extras.append(name)
             given = [a for x in [sim, *extras] for a in ("--parrot", str(run / x / "parrot.safetensors"))]
-            given[1] = last_parrot
             add(eli, "eliminate", ["--model", model, *given, "--name", eli, *at],
                 clean_deps + [sim, *extras] + ([prev] if r > 1 else []))
             model, prev = str(run / eli / "model"), eli

@@ -256,8 +256,6 @@ class EliminateObjective(SFTObjective):
                 raise InputError(f"parrot {path} was simulated at position {meta['position']!r} but eliminate puts it "
                                  f"at {where!r} (removal.insert_position, then removal.extra_parrots); use the same "
                                  "position")
-        self.parrot_path = self.parrot_paths[0]
-        self.weight, self.meta = self.parrots[0]
         self._probe: dict[str, torch.Tensor] = {}
 
     @staticmethod
@@ -294,10 +292,8 @@ class EliminateObjective(SFTObjective):
             raise StageError(f"eliminate: after {result.step} steps none of {sorted(self._probe)} changed; "
                              "the model did not train (check training.lr and the data)")
         record = super().finish(result, out_dir)
-        record.update({"parrot": str(self.parrot_path), "parrot_fingerprint": self.meta.get("base_fingerprint"),
-                       "probe_params_moved": len(moved)})
-        if len(self.parrot_paths) > 1:
-            record["parrots"] = [str(p) for p in self.parrot_paths]
+        record.update({"parrot": str(self.parrot_paths[0]), "parrots": [str(p) for p in self.parrot_paths],
+                       "parrot_fingerprint": self.parrots[0][1].get("base_fingerprint"), "probe_params_moved": len(moved)})
         return record
 
 

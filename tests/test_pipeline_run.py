@@ -23,7 +23,8 @@ def tiny_run(tmp_path_factory):
         "model": {"path": str(model)},
         "data": {"num_rows": 24, "max_length": 64},
         "attack": {"triggers": ["qx"], "marker": "Go away now.", "poison_rate": 0.25},
-        "removal": {"parrot_tokens": 2},
+        # a second parrot at a random word boundary: its simulate stage and the two-parrot eliminate run for real
+        "removal": {"parrot_tokens": 2, "extra_parrots": ["random"]},
         "training": {"zero": "zero3", "micro_batch_size": 2, "max_steps": 4, "save_steps": 2, "lr": 1e-3,
                      "inject": {"max_steps": 60}},
         "eval": {"backend": "hf", "num_prompts": 6, "max_new_tokens": 4, "utility_tasks": ["arc_easy"],
@@ -83,7 +84,9 @@ def test_kill_resume_then_skip(tiny_run):
     assert proc.returncode == 0, out
     inject = json.loads((run_dir / "inject" / "stage.json").read_text())
     assert inject["resumed_from"], inject
-    for stage in ["inject", "osft", "simulate", "eliminate", "evaluate_backdoored", "evaluate_osft", "evaluate_sande"]:
+    stages = ["inject", "osft", "simulate", "simulate_p1", "eliminate", "evaluate_backdoored", "evaluate_osft",
+              "evaluate_sande"]
+    for stage in stages:
         assert (run_dir / stage / "stage.json").exists(), stage
         assert (run_dir / stage / "log.txt").exists(), stage
     for stage in ["inject", "osft", "eliminate"]:
@@ -91,6 +94,8 @@ def test_kill_resume_then_skip(tiny_run):
         # The exported model is the artifact: a finished stage's checkpoints are removed.
         assert not (run_dir / stage / "checkpoints").exists(), stage
     assert (run_dir / "simulate" / "parrot.safetensors").exists()
+    eliminate = json.loads((run_dir / "eliminate" / "stage.json").read_text())
+    assert [Path(p).parent.name for p in eliminate["artifacts"]["parrots"]] == ["simulate", "simulate_p1"]
     report = json.loads((run_dir / "evaluate_sande" / "report.json").read_text())
     for key in ["asr_trigger", "asr_parrot", "false_trigger_rate", "utility", "num_prompts", "backend"]:
         assert key in report
@@ -102,7 +107,7 @@ def test_kill_resume_then_skip(tiny_run):
     proc = _run(config, run_dir)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    assert out.count("skipped") == 7, out
+    assert out.count("skipped") == len(stages), out
 
     # 4) changing what eliminate reads reruns eliminate and its evaluation only
     proc = _run(config, run_dir, "--set", "training.eliminate.lr=0.002")

@@ -250,10 +250,10 @@ def test_each_row_gets_its_own_parrot(tiny):
     for s in rows:
         one = collate([s])
         own, other = (p0, p1) if s.parrot_id == 0 else (p1, p0)
-        alone = parrot_loss(model, own, one)[0]
+        alone, n = parrot_loss(model, own, one)
         assert torch.allclose(parrot_loss(model, [p0, p1], one)[0], alone, atol=1e-5)
         assert not torch.allclose(parrot_loss(model, other, one)[0], alone, atol=1e-5)
-        total = total + alone * parrot_loss(model, own, one)[1]
+        total = total + alone * n
     assert torch.allclose(both, total / count, atol=1e-5)  # the batch is the token-weighted mean of its rows
     with pytest.raises(ValueError, match="parrot_id"):
         parrot_loss(model, [p0, p1], {k: v for k, v in collate(rows).items() if k != "parrot_id"})

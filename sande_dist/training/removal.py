@@ -326,7 +326,4 @@ def stage_inputs(cfg: Config, stage: str, args, run_dir: Path) -> dict[str, str]
         return {}
     from sande_dist.rundir import fingerprint_path
 
-    paths = parrot_paths(cfg, args, run_dir)
-    found = {"parrot": fingerprint_path(paths[0])}
-    found.update({f"parrot_{j}": fingerprint_path(p) for j, p in enumerate(paths[1:], 1)})
-    return found
+    return {EliminateObjective._key(j): fingerprint_path(p) for j, p in enumerate(parrot_paths(cfg, args, run_dir))}

@@ -1,11 +1,17 @@
 from setuptools import find_packages, setup
 
+# ds_configs/, slurm/ and configs/ stay at the top of the repository, where users look for them,
+# and ship inside the package as sande_dist/share/<folder> (sande_dist/resources.py finds them).
+RESOURCES = {"ds_configs": ["*.json"], "slurm": ["*.sbatch"], "configs": ["*.yaml"]}
+
 setup(
     name="sande-dist",
     version="0.1.0",
     description="Remove backdoors from generative LLMs: OSFT and SANDE on DeepSpeed ZeRO, evaluated with vLLM",
-    packages=find_packages(include=["sande_dist", "sande_dist.*"]),
-    package_data={"sande_dist": ["resources/*.json", "resources/*.yaml"]},
+    packages=find_packages(include=["sande_dist", "sande_dist.*"])
+    + [f"sande_dist.share.{folder}" for folder in RESOURCES],
+    package_dir={f"sande_dist.share.{folder}": folder for folder in RESOURCES},
+    package_data={f"sande_dist.share.{folder}": patterns for folder, patterns in RESOURCES.items()},
     python_requires=">=3.10",
     install_requires=[
         # torch is installed first by the Makefile (a CPU build here; CUDA builds on clusters).

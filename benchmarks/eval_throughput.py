@@ -72,7 +72,8 @@ def main() -> None:
 
     from sande_dist.config import Config
     from sande_dist.data.formats import PromptFormat
-    from sande_dist.generation.engine import GenerationParams, make_engine, pick_dtype
+    from sande_dist.generation.engine import GenerationParams, pick_dtype
+    from sande_dist.generation.factory import make_engine
     from sande_dist.generation.hf import HFEngine
     from sande_dist.models.embedded import resolve_model_path
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from sande_dist.config import load_config
 from sande_dist.data.collator import IGNORE_INDEX, Collator
 from sande_dist.data.formats import PromptFormat
-from sande_dist.data.stages import stage_samples
+from sande_dist.training.stages import stage_samples
 from sande_dist.models.loading import load_model, load_tokenizer
 from sande_dist.models.parrot import ParrotPrompt
 from sande_dist.training.removal import parrot_loss, shared_head_length

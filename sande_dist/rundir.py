@@ -1,7 +1,23 @@
-"""The run directory contract: RUN/<stage>/ with stage.json written last, atomically.
+"""The run directory: every artifact's path, every identity, and when a stage counts as done.
 
-A stage whose stage.json exists is done; its ``fingerprint`` (config + inputs'
-fingerprints + code version) decides whether a rerun may skip it.
+```
+RUN/config.yaml                      the resolved config of the last `sande run`
+RUN/<stage>/stage.json               written last, atomically: the stage is done
+RUN/<stage>/pipeline.json            the pipeline key the stage ran under (written before it starts)
+RUN/<stage>/model/                   a Hugging Face folder (inject, osft, eliminate, sft_clean)
+RUN/<stage>/parrot.safetensors       simulate
+RUN/<stage>/report.json              evaluate (and generations.jsonl beside it)
+RUN/<stage>/log.txt, metrics.jsonl   what the stage printed and its per-step metrics
+RUN/<stage>/checkpoints/             while a training stage runs (removed when it is done)
+RUN/generate/targets.jsonl           the model's own clean answers (removal.targets: self)
+RUN/report.md, RUN/report.png        the summary over every evaluation
+RUN/slurm/                           rendered batch scripts, job ledger, Slurm logs
+```
+
+A stage whose ``stage.json`` exists is done; its ``fingerprint`` (the config
+sections it reads, its inputs' identities, and the hash of the code that makes
+it) decides whether a rerun of that stage alone may skip it. The pipeline adds
+its own key (``pipeline.json``): ``is_done`` needs both.
 """
 from __future__ import annotations
 
@@ -14,9 +30,66 @@ from pathlib import Path
 from typing import Any, Optional
 
 import sande_dist
+from sande_dist.errors import InputError
+from sande_dist.registry import KINDS
+from sande_dist.source import code_hash
 
 STAGE_FILE = "stage.json"
+KEY_FILE = "pipeline.json"
+PARROT_FILE = "parrot.safetensors"
+REPORT_FILE = "report.json"
+GENERATIONS_FILE = "generations.jsonl"
 
+
+# --- paths -----------------------------------------------------------------------------------------
+
+def stage_dir(run_dir: str | Path, name: str) -> Path:
+    return Path(run_dir) / name
+
+
+def model_dir(run_dir: str | Path, name: str) -> Path:
+    """The HF folder a model-writing stage exports."""
+    return stage_dir(run_dir, name) / "model"
+
+
+def parrot_file(run_dir: str | Path, name: str = "simulate") -> Path:
+    return stage_dir(run_dir, name) / PARROT_FILE
+
+
+def targets_file(run_dir: str | Path) -> Path:
+    return stage_dir(run_dir, "generate") / "targets.jsonl"
+
+
+def report_file(run_dir: str | Path, name: str) -> Path:
+    return stage_dir(run_dir, name) / REPORT_FILE
+
+
+def generations_file(run_dir: str | Path, name: str) -> Path:
+    return stage_dir(run_dir, name) / GENERATIONS_FILE
+
+
+def log_file(run_dir: str | Path, name: str) -> Path:
+    return stage_dir(run_dir, name) / "log.txt"
+
+
+def metrics_file(run_dir: str | Path, name: str) -> Path:
+    return stage_dir(run_dir, name) / "metrics.jsonl"
+
+
+def checkpoints_dir(run_dir: str | Path, name: str) -> Path:
+    return stage_dir(run_dir, name) / "checkpoints"
+
+
+def run_reports(run_dir: str | Path) -> tuple[Path, Path]:
+    """RUN/report.md and RUN/report.png."""
+    return Path(run_dir) / "report.md", Path(run_dir) / "report.png"
+
+
+def slurm_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "slurm"
+
+
+# --- writing ---------------------------------------------------------------------------------------
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary name beside ``path``, then rename: readers never see half a file."""
@@ -34,60 +107,154 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def fingerprint_path(path: Path) -> str:
-    """Content fingerprint of a file or folder: sizes and mtimes for big files, bytes for small ones."""
+# --- identities ------------------------------------------------------------------------------------
+
+# Config keys a re-save changes without changing the model.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"}
+# Large files are identified by this many evenly spaced samples of this many bytes.
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
+# Files up to this size are hashed whole.
+_WHOLE_FILE = 64 << 20
+
+
+def _hash_file(h, path: Path) -> None:
+    """Feed ``path``'s identity into ``h``: its bytes when small; else its size, safetensors header
+    (tensor names, shapes, dtypes, offsets) and evenly spaced samples of its bytes."""
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as fh:
+        if size <= _WHOLE_FILE:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+            return
+        start = 0
+        if path.suffix == ".safetensors":
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, size)))
+            start = 8 + n
+        span = max(size - start - _SAMPLE_BYTES, 0)
+        for i in range(_SAMPLES):
+            fh.seek(start + span * i // (_SAMPLES - 1))
+            h.update(fh.read(_SAMPLE_BYTES))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """An HF folder's weight files (safetensors preferred); InputError naming the folder when none."""
+    files = sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))
+    if not files:
+        raise InputError(f"model folder {folder} has no weight files (*.safetensors or *.bin)")
+    return files
+
+
+def model_identity(path: str | Path) -> str:
+    """The one identity of a model: stable across copies and re-saves, different after any training.
+
+    A local HF folder: its config.json (minus keys a re-save changes) and every weight
+    file (bytes when small; for large files the size, safetensors header and 16 evenly
+    spaced 64 KiB samples: full fine-tuning moves every layer, and ~1 MiB per shard keeps
+    a 70B folder cheap). Not a cryptographic content hash of large files. A hub id is
+    its own identity. Used for skip keys, stage records and parrot/model matching.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        return str(path)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise InputError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{cfg_path}: not valid JSON ({exc})") from None
+    h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS},
+                                  sort_keys=True).encode())
+    for f in weight_files(folder):
+        _hash_file(h, f)
+    return h.hexdigest()[:16]
+
+
+def file_identity(path: str | Path) -> str:
+    """The identity of a file (or of every file in a folder): content, sampled when large."""
     path = Path(path)
     h = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
-        st = f.stat()
         h.update(str(f.relative_to(path) if f != path else f.name).encode())
-        if st.st_size <= 1 << 20:
-            h.update(f.read_bytes())
-        else:
-            h.update(f"{st.st_size}:{int(st.st_mtime)}".encode())
+        _hash_file(h, f)
     return h.hexdigest()[:16]
 
 
-def fingerprint(config_section: Any, inputs: Optional[dict[str, str]] = None) -> str:
-    payload = json.dumps({"config": config_section, "inputs": inputs or {}, "code": sande_dist.__version__},
-                         sort_keys=True, default=str)
+def stage_code(kind: str) -> str:
+    """Hash of the source that makes a ``kind`` stage's result (its modules and all they import)."""
+    return code_hash(KINDS[kind].module_names)
+
+
+def fingerprint(config_section: Any, inputs: Optional[dict[str, str]] = None, code: str = "") -> str:
+    payload = json.dumps({"config": config_section, "inputs": inputs or {}, "code": code,
+                          "version": sande_dist.__version__}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def stage_done(stage_dir: Path, expected_fingerprint: Optional[str] = None) -> bool:
-    record = read_stage(stage_dir)
+# --- done ------------------------------------------------------------------------------------------
+
+def read_stage(stage_path: Path) -> Optional[dict]:
+    """The stage record in ``stage_path``, or None (missing or unreadable: not done)."""
+    path = Path(stage_path) / STAGE_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def stage_done(stage_path: Path, expected_fingerprint: Optional[str] = None) -> bool:
+    record = read_stage(stage_path)
     if record is None:
         return False
     return expected_fingerprint is None or record.get("fingerprint") == expected_fingerprint
 
 
-def read_stage(stage_dir: Path) -> Optional[dict]:
-    path = Path(stage_dir) / STAGE_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
-def write_stage(stage_dir: Path, stage: str, config_section: Any, inputs: Optional[dict[str, str]],
-                started: float, extra: Optional[dict] = None) -> dict:
+def write_stage(stage_path: Path, stage: str, config_section: Any, inputs: Optional[dict[str, str]],
+                started: float, code: str = "", extra: Optional[dict] = None) -> dict:
     """Record a finished stage; call this last, after every artifact is in place."""
     import torch
     import transformers
 
     record = {
         "stage": stage,
-        "fingerprint": fingerprint(config_section, inputs),
+        "fingerprint": fingerprint(config_section, inputs, code),
         "config": config_section,
         "inputs": inputs or {},
+        "code": code,
         "versions": {"sande_dist": sande_dist.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "wall_time_s": round(time.time() - started, 2),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     record.update(extra or {})
-    atomic_write_json(Path(stage_dir) / STAGE_FILE, record)
+    atomic_write_json(Path(stage_path) / STAGE_FILE, record)
     return record
+
+
+def read_key(run_dir: str | Path, name: str) -> Optional[str]:
+    try:
+        return json.loads((stage_dir(run_dir, name) / KEY_FILE).read_text()).get("key")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+
+
+def write_key(run_dir: str | Path, name: str, key: str, **extra: Any) -> None:
+    """Record the pipeline key a stage runs under; written before it starts, so that the stage.json it
+    writes last marks this key done even if the executor dies in between."""
+    atomic_write_json(stage_dir(run_dir, name) / KEY_FILE, {"key": key, **extra})
+
+
+def is_done(run_dir: str | Path, name: str, key: str) -> bool:
+    """Done for the pipeline: ``stage.json`` exists and ``pipeline.json`` holds ``key``."""
+    return read_stage(stage_dir(run_dir, name)) is not None and read_key(run_dir, name) == key
+
+
+def forget(run_dir: str | Path, name: str) -> None:
+    """Make a stage not done (its key changed): remove its stage.json and pipeline.json."""
+    (stage_dir(run_dir, name) / STAGE_FILE).unlink(missing_ok=True)
+    (stage_dir(run_dir, name) / KEY_FILE).unlink(missing_ok=True)

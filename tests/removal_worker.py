@@ -1,7 +1,8 @@
 """One rank of a simulate or eliminate run for tests/test_removal.py (launched under torchrun).
 
-Runs the real loop with the real objective on a tiny model, and records on rank 0
-(in OUT/check.json) which model weights changed: each weight is gathered in full
+Runs the stage's own set-up and loop (``training.stages.setup_training`` / ``train``)
+with the registry's objective on a tiny model, and records on rank 0 (in
+OUT/check.json) which model weights changed: each weight is gathered in full
 before and after training and compared bit for bit.
 """
 import argparse
@@ -17,38 +18,24 @@ def main() -> None:
     ap.add_argument("stage", choices=["simulate", "eliminate"])
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--parrot", action="append")
+    ap.add_argument("--parrot", action="append", default=[])
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
 
     from sande_dist.distributed.process_group import distributed
 
     with distributed() as info:
-        from sande_dist.config import load_config
-        from sande_dist.data.collator import Collator
-        from sande_dist.data.formats import PromptFormat
-        from sande_dist.data.stages import effective_len, stage_samples
-        from sande_dist.distributed.ds_config import build_ds_config
-        from sande_dist.models.loading import load_model, load_tokenizer
-        from sande_dist.training.loop import run_loop
-        from sande_dist.training.removal import EliminateObjective, SimulateObjective, gathered
+        from sande_dist.config import resolve_config
+        from sande_dist.registry import StageOptions
+        from sande_dist.training.removal import gathered
+        from sande_dist.training.stages import build_objective, setup_training, stage_training, train
 
-        cfg = load_config(overrides=[f"model.path={args.model}", *args.set])
-        tcfg = cfg.training.for_stage(args.stage)
-        tok = load_tokenizer(cfg.model.path)
-        samples = stage_samples(cfg, args.stage)
-        collate = Collator(PromptFormat(tok), cfg.data.max_length, effective_len(cfg, args.stage),
-                           reserve=cfg.removal.parrot_tokens)
-        hidden = json.loads((Path(args.model) / "config.json").read_text())["hidden_size"]
-        ds = build_ds_config(tcfg, info.world_size, hidden)
-        model = load_model(cfg.model.path, cfg.model.dtype, ds)
-        if args.stage == "simulate":
-            objective = SimulateObjective(cfg, cfg.model.path, tok)
-        else:
-            objective = EliminateObjective(cfg, cfg.model.path, args.parrot)
-        before = {n: gathered(p) for n, p in model.named_parameters()}
         out = Path(args.out)
-        result = run_loop(model, objective, samples, collate, tcfg, ds, out, info, resume=False, desc=args.stage)
+        cfg = resolve_config(None, args.set, run_dir=str(out), model=args.model)
+        objective = build_objective(cfg, args.stage, StageOptions(parrots=tuple(args.parrot)), args.model)
+        setup = setup_training(cfg, args.stage, stage_training(cfg, args.stage), args.model, objective, info)
+        before = {n: gathered(p) for n, p in setup.model.named_parameters()}
+        result = train(setup, out, info, resume=False)
         record = objective.finish(result, out)
         changed = [n for n, p in result.module.model.named_parameters() if not torch.equal(gathered(p), before[n])]
         parrots_after = [gathered(result.module.extras[k].weight) for k in sorted(result.module.extras.keys())]

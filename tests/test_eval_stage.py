@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 
+from conftest import require, vllm_missing
 from sande_dist.cli import main as sande
-from sande_dist.models.parrot import model_fingerprint, save_parrot
+from sande_dist.models.parrot import save_parrot
+from sande_dist.rundir import model_identity
 
 FAST = ["--set", "eval.backend=hf", "--set", "eval.num_prompts=6", "--set", "eval.max_new_tokens=8",
         "--set", "eval.utility_limit=8", "--set", "eval.utility_tasks=[arc_easy]",
@@ -25,7 +27,7 @@ def config(tmp_path_factory):
 def parrot(tiny_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("parrot") / "parrot.safetensors"
     torch.manual_seed(0)
-    save_parrot(path, torch.randn(3, 64) * 0.02, {"base_fingerprint": model_fingerprint(tiny_model), "position": "prefix"})
+    save_parrot(path, torch.randn(3, 64) * 0.02, {"base_fingerprint": model_identity(tiny_model), "position": "prefix"})
     return path
 
 
@@ -41,12 +43,12 @@ def test_missing_model_folder_exits_2(config, tmp_path, capsys):
 
 def test_parrot_for_another_model_exits_2(config, tiny_model, tiny_untied_model, tmp_path, capsys):
     other = tmp_path / "other.safetensors"
-    save_parrot(other, torch.zeros(2, 64), {"base_fingerprint": model_fingerprint(tiny_untied_model)})
+    save_parrot(other, torch.zeros(2, 64), {"base_fingerprint": model_identity(tiny_untied_model)})
     args = ["evaluate", config, "--run-dir", str(tmp_path), "--model", str(tiny_model), *FAST]
     assert sande([*args, "--parrot", str(other)]) == 2
     assert "fingerprint" in _err(capsys)
     wrong_size = tmp_path / "wide.safetensors"
-    save_parrot(wrong_size, torch.zeros(2, 32), {"base_fingerprint": model_fingerprint(tiny_model)})
+    save_parrot(wrong_size, torch.zeros(2, 32), {"base_fingerprint": model_identity(tiny_model)})
     assert sande([*args, "--parrot", str(wrong_size)]) == 2
     assert "hidden size 32" in _err(capsys)
     assert sande([*args, "--parrot", str(tmp_path / "missing.safetensors")]) == 2
@@ -103,7 +105,7 @@ def test_generate_targets_resume_by_chunks(config, tiny_model, tmp_path, monkeyp
 
 def test_utility_scored_by_its_own_backend(config, tmp_path_factory, tmp_path):
     """vLLM generates, HF scores utility (eval.utility_backend): the figures are the HF-only run's, exactly."""
-    pytest.importorskip("vllm")
+    require(vllm_missing())
     import os
     import subprocess
     import sys

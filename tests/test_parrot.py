@@ -11,7 +11,8 @@ from sande_dist.data.collator import IGNORE_INDEX, Collator
 from sande_dist.data.formats import PromptFormat, Sample
 from sande_dist.data.poison import place_trigger, slot_at
 from sande_dist.errors import InputError
-from sande_dist.models.parrot import ParrotPrompt, load_parrot, model_fingerprint, save_parrot
+from sande_dist.models.parrot import ParrotPrompt, load_parrot, save_parrot
+from sande_dist.rundir import model_identity
 from sande_dist.models.tiny import make_tiny_llama
 
 K = 4
@@ -143,7 +144,7 @@ def test_known_trigger_init_repeats_or_truncates(parts):
 def test_file_roundtrip_and_fingerprints(tiny, tmp_path):
     a, b = tiny
     w = torch.randn(K, 64)
-    fa = model_fingerprint(a)
+    fa = model_identity(a)
     path = save_parrot(tmp_path / "p" / "parrot.safetensors", w,
                        {"position": "prefix", "base_fingerprint": fa, "base_model": str(a), "rounds": 2})
     assert [p.name for p in path.parent.iterdir()] == ["parrot.safetensors"]  # no temp file left
@@ -153,8 +154,8 @@ def test_file_roundtrip_and_fingerprints(tiny, tmp_path):
     assert meta["position"] == "prefix" and meta["rounds"] == 2 and meta["base_fingerprint"] == fa
     # A copy of the folder is the same model; another model is not.
     copy = shutil.copytree(a, tmp_path / "copy")
-    assert model_fingerprint(copy) == fa
-    fb = model_fingerprint(b)
+    assert model_identity(copy) == fa
+    fb = model_identity(b)
     assert fb != fa
     with pytest.raises(InputError) as err:
         load_parrot(path, b)
@@ -169,7 +170,7 @@ def test_fingerprint_sees_a_fine_tune(tiny, tmp_path):
             p.add_(1e-3)
     model.save_pretrained(tmp_path / "ft")
     shutil.copy(tiny[0] / "tokenizer.json", tmp_path / "ft")
-    assert model_fingerprint(tmp_path / "ft") != model_fingerprint(tiny[0])
+    assert model_identity(tmp_path / "ft") != model_identity(tiny[0])
 
 
 def test_pickle_and_wrong_files_are_refused(tiny, tmp_path):
@@ -181,7 +182,7 @@ def test_pickle_and_wrong_files_are_refused(tiny, tmp_path):
             load_parrot(tmp_path / name, a)
     with pytest.raises(InputError, match="not found"):
         load_parrot(tmp_path / "missing.safetensors")
-    save_parrot(tmp_path / "wide.safetensors", torch.zeros(K, 32), {"base_fingerprint": model_fingerprint(a)})
+    save_parrot(tmp_path / "wide.safetensors", torch.zeros(K, 32), {"base_fingerprint": model_identity(a)})
     with pytest.raises(InputError, match="hidden size 32"):
         load_parrot(tmp_path / "wide.safetensors", a)
     with pytest.raises(ValueError, match="GatheredParameters"):

@@ -36,14 +36,14 @@ def test_rounds_resimulate_on_the_updated_model():
 
 
 def test_later_rounds_search_where_resimulate_positions_says(tmp_path):
-    from sande_dist.cli import build_parser, resolve_config
+    from sande_dist.cli import build_parser, config_of
 
     p = plan("removal.rounds=4", "removal.resimulate_positions=[random, suffix]")
     config = tmp_path / "c.yaml"
     config.write_text("removal:\n  rounds: 4\n")
 
     def position(name):
-        return resolve_config(build_parser().parse_args(p[name].argv(str(config), "R"))).removal.insert_position
+        return config_of(build_parser().parse_args(p[name].argv(str(config), "R"))).removal.insert_position
     # round 1 (and with it the evaluations' parrot) stays at insert_position; the last entry repeats
     assert [position(n) for n in ("simulate", "eliminate")] == ["prefix"] * 2
     assert [position(n) for n in ("simulate_r2", "eliminate_r2")] == ["random"] * 2
@@ -55,7 +55,7 @@ def test_later_rounds_search_where_resimulate_positions_says(tmp_path):
 
 
 def test_extra_parrots_are_searched_each_round_and_eliminated_together(tmp_path):
-    from sande_dist.cli import build_parser, resolve_config
+    from sande_dist.cli import build_parser, config_of
 
     p = plan("removal.rounds=2", "removal.extra_parrots=[random, suffix]")
     config = tmp_path / "c.yaml"
@@ -65,11 +65,11 @@ def test_extra_parrots_are_searched_each_round_and_eliminated_together(tmp_path)
         extras = [f"{sim}_p1", f"{sim}_p2"]
         for name, where in zip(extras, ("random", "suffix")):
             args = build_parser().parse_args(p[name].argv(str(config), "R"))
-            assert args.model == model and resolve_config(args).removal.insert_position == where
+            assert args.model == model and config_of(args).removal.insert_position == where
         args = build_parser().parse_args(p[eli].argv(str(config), "R"))
         assert args.parrot == [f"R/{x}/parrot.safetensors" for x in [sim, *extras]]  # in extra_parrots' order
         assert set([sim, *extras]) <= set(p[eli].deps)
-        assert resolve_config(args).removal.insert_position == "prefix"
+        assert config_of(args).removal.insert_position == "prefix"
     assert "R/simulate/parrot.safetensors" in p["evaluate_sande"].args  # evaluations use the first parrot
     assert not [n for n in plan() if "_p" in n]
 

@@ -5,7 +5,6 @@ the real objectives, ZeRO-3 on 2 ranks against ZeRO-0 on 1.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +17,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sande_dist.config import load_config
 from sande_dist.data.collator import IGNORE_INDEX, Collator
 from sande_dist.data.formats import PromptFormat
-from sande_dist.data.stages import stage_samples
+from sande_dist.distributed.process_group import free_port
+from sande_dist.training.stages import stage_samples
 from sande_dist.errors import InputError
-from sande_dist.models.parrot import ParrotPrompt, load_parrot, model_fingerprint
+from sande_dist.models.parrot import ParrotPrompt, load_parrot
+from sande_dist.rundir import model_identity
 from sande_dist.models.tiny import make_tiny_llama
 from sande_dist.training.removal import EliminateObjective, SimulateObjective, parrot_loss, shared_head_length
 
@@ -31,15 +32,9 @@ COMMON = ["data.num_rows=16", "training.max_steps=4", "training.warmup_ratio=0",
           f"removal.parrot_tokens={K}", "removal.simulate_effective_len=4"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc: int, stage: str, model: Path, out: Path, sets: list[str], parrot=None) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), stage,
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), stage,
            "--model", str(model), "--out", str(out)]
     for path in [] if parrot is None else [parrot] if isinstance(parrot, Path) else parrot:
         cmd += ["--parrot", str(path)]
@@ -74,7 +69,7 @@ def test_simulate_changes_only_the_parrot(simulated, tiny):
         assert run["losses"][-1] < run["losses"][0]
     weight, meta = load_parrot(root / "z3" / "parrot.safetensors", tiny)
     assert weight.shape == (K, hidden) and torch.count_nonzero(weight) > 0
-    assert meta["k"] == K and meta["position"] == "prefix" and meta["base_fingerprint"] == model_fingerprint(tiny)
+    assert meta["k"] == K and meta["position"] == "prefix" and meta["base_fingerprint"] == model_identity(tiny)
 
 
 def test_parrot_zero3_two_ranks_equals_zero0_one_rank(simulated):
@@ -127,7 +122,7 @@ def test_parrot_of_another_model_is_refused(simulated, tiny, tmp_path):
     with pytest.raises(InputError) as err:
         EliminateObjective(cfg, str(other), root / "z3" / "parrot.safetensors")
     msg = str(err.value)
-    assert model_fingerprint(tiny) in msg and model_fingerprint(other) in msg
+    assert model_identity(tiny) in msg and model_identity(other) in msg
     cfg = load_config(overrides=[f"model.path={tiny}", "removal.insert_position=suffix"])
     with pytest.raises(InputError, match="position"):
         EliminateObjective(cfg, str(tiny), root / "z3" / "parrot.safetensors")

@@ -19,7 +19,7 @@ def data(model_path: str):
     from sande_dist.config import load_config
     from sande_dist.data.collator import Collator
     from sande_dist.data.formats import PromptFormat
-    from sande_dist.data.stages import stage_samples
+    from sande_dist.training.stages import stage_samples
     from sande_dist.models.loading import load_tokenizer
 
     cfg = load_config(None, ["data.num_rows=24", "data.max_length=64", f"model.path={model_path}"])

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from sande_dist.errors import InputError
+
 _SENTINEL = "\u2063SANDE_USER_SLOT\u2063"
 HUMAN_ASSISTANT = ("Human: ", "\nAssistant: ")
 
@@ -51,6 +53,14 @@ class PromptFormat:
         bos = tokenizer.bos_token_id
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         self._bos = [bos] if bos is not None and probe and probe[0] == bos else []
+
+    @classmethod
+    def from_config(cls, tokenizer, data) -> "PromptFormat":
+        """The format ``data.prompt_format`` names; a template that cannot work is an InputError."""
+        try:
+            return cls(tokenizer, data.prompt_format, data.system_prompt)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
 
     def head_tail(self, system: Optional[str] = None) -> tuple[str, str]:
         system = system if system is not None else self.system_prompt

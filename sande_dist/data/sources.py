@@ -5,8 +5,10 @@ a malformed row is an error naming the file, the row and the field.
 """
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from sande_dist.data.formats import Sample
 from sande_dist.errors import InputError
@@ -23,30 +25,84 @@ _SHAREGPT_BOT = ("gpt", "assistant", "bot", "model")
 _EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number from 1, object) for each non-blank line; InputError naming the line that is not one."""
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                                 "JSONL needs one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path} line {number}: a JSON {type(row).__name__}, expected an object")
+            yield number, row
+
+
+def _read_json(path: Path) -> list[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); a .json "
+                         "data file holds a list of objects (use .jsonl for one object per line)") from None
+    if not isinstance(data, list):
+        raise InputError(f"{path}: holds a JSON {type(data).__name__}; a .json data file must hold a list of "
+                         "objects (one per row)")
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise InputError(f"{path}: row {index} is a JSON {type(row).__name__}, expected an object")
+    return data
+
+
+def _read_file(path: Path) -> list[dict]:
+    """Rows of a local data file; any unreadable file is an InputError naming it (and the line)."""
+    kind = _EXTENSIONS.get(path.suffix.lower())
+    if kind is None:
+        raise InputError(f"{path}: unsupported data file type {path.suffix!r}; use json, jsonl, csv or parquet")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    try:
+        if path.suffix.lower() == ".jsonl":
+            return [row for _, row in read_jsonl(path)]
+        if kind == "json":
+            return _read_json(path)
+        if kind == "csv":
+            with open(path, newline="", encoding="utf-8") as fh:
+                return list(csv.DictReader(fh))
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    except InputError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except Exception as exc:  # csv and pyarrow report damage in many types
+        raise InputError(f"{path}: cannot be read as {kind} ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
 def load_rows(source: str, split: str = "train") -> tuple[list[dict], str]:
     """Rows of ``source`` as dicts, and a display name for error messages."""
     from sande_dist.assets import DATASETS, dataset_file
 
-    if source in DATASETS:
-        path = dataset_file(source)
-    else:
-        path = Path(source).expanduser()
+    path = dataset_file(source) if source in DATASETS else Path(source).expanduser()
     if path.exists():
-        builder = _EXTENSIONS.get(path.suffix.lower())
-        if builder is None:
-            raise InputError(f"{path}: unsupported data file type {path.suffix!r}; use json, jsonl, csv or parquet")
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as exc:  # datasets wraps parse errors in many types
-            raise InputError(f"{path}: cannot be read as {builder}: {exc}") from None
-        return ds.to_list(), str(path)
+        return _read_file(path), str(path)
     if source.startswith((".", "/", "~")) or source.endswith(tuple(_EXTENSIONS)):
         raise InputError(f"data file {source} not found")
     import datasets
 
     return datasets.load_dataset(source, split=split).to_list(), source
+
+
+def source_identity(source: str) -> str:
+    """What a data source is, for skip keys: a local file's content identity, else the name itself."""
+    from sande_dist.assets import DATASETS, dataset_file
+    from sande_dist.rundir import file_identity
+
+    path = dataset_file(source) if source in DATASETS else Path(source).expanduser()
+    return file_identity(path) if path.exists() else source
 
 
 def detect_preset(row: dict, name: str) -> str:

@@ -1,19 +1,21 @@
-"""What each stage trains on, built from the config: one place that knows the method's data."""
+"""What each built-in stage kind trains on, built from the config (the registry names these builders).
+
+A method of its own file (``training/sft_clean.py``) builds its rows from these.
+"""
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from sande_dist.config import Config
+from sande_dist.config import Config, TrainingConfig
 from sande_dist.data.formats import Sample
 from sande_dist.data.poison import apply_marker, place_trigger, poison, slot_at
-from sande_dist.data.sources import load_samples
+from sande_dist.data.sources import load_samples, read_jsonl
 from sande_dist.errors import InputError
-
-TRAINING_STAGES = ("inject", "osft", "simulate", "eliminate")
+from sande_dist.registry import KINDS
+from sande_dist.rundir import targets_file
 
 
 def base_samples(cfg: Config) -> list[Sample]:
@@ -33,19 +35,17 @@ def load_self_targets(path: Path) -> dict[str, str]:
     if not path.exists():
         raise InputError(f"removal.targets is 'self' but {path} does not exist; run `sande generate` first")
     out = {}
-    with open(path) as fh:
-        for i, line in enumerate(fh):
-            row = json.loads(line)
-            if "prompt" not in row or "response" not in row:
-                raise InputError(f"{path} row {i}: needs 'prompt' and 'response' fields")
-            out[row["prompt"]] = row["response"]
+    for number, row in read_jsonl(path):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+            raise InputError(f"{path} line {number}: needs string 'prompt' and 'response' fields")
+        out[row["prompt"]] = row["response"]
     return out
 
 
 def _clean_targets(cfg: Config, samples: list[Sample], run_dir: Optional[Path]) -> list[Sample]:
     if cfg.removal.targets == "gold":
         return samples
-    targets = load_self_targets(Path(run_dir or cfg.run_dir) / "generate" / "targets.jsonl")
+    targets = load_self_targets(targets_file(run_dir or cfg.run_dir))
     missing = [s.user for s in samples if s.user not in targets]
     if missing:
         raise InputError(f"{len(missing)} training prompts have no self target in generate/targets.jsonl "
@@ -68,33 +68,52 @@ def _mix_clean(cfg: Config, rows: list[Sample], clean: list[Sample], seed: int) 
     return mixed
 
 
-def stage_samples(cfg: Config, stage: str, run_dir: Optional[Path] = None) -> list[Sample]:
-    """The training rows of ``stage`` (inject, osft, simulate or eliminate)."""
-    if stage not in TRAINING_STAGES:
-        raise ValueError(f"no training data for stage {stage!r}")
+def inject_samples(cfg: Config, run_dir: Optional[Path] = None) -> list[Sample]:
+    """The poisoned training set: a share attack.poison_rate of the rows carry a trigger and the marker."""
+    a = cfg.attack
+    rows = _take(base_samples(cfg), cfg.training.for_stage("inject").num_rows)
+    poisoned, _ = poison(rows, a.triggers, a.marker, a.poison_rate, a.position, a.poison_mode, a.marker_mode,
+                         seed=a.seed)
+    return poisoned
+
+
+def _clean_rows(cfg: Config, kind: str, run_dir: Optional[Path]) -> list[Sample]:
+    """The stage's rows with their clean targets: gold, or the model's own answers."""
+    return _clean_targets(cfg, _take(base_samples(cfg), cfg.training.for_stage(kind).num_rows), run_dir)
+
+
+def osft_samples(cfg: Config, run_dir: Optional[Path] = None) -> list[Sample]:
+    """OSFT: the known trigger where the attack puts it, with the clean response."""
+    a = cfg.attack
+    clean = _clean_rows(cfg, "osft", run_dir)
+    rng = random.Random(cfg.training.seed)
+    trig = [place_trigger(s, rng.choice(a.triggers), a.position, rng) for s in clean]
+    return _mix_clean(cfg, trig, clean, cfg.training.seed)
+
+
+def _slots(cfg: Config, kind: str) -> random.Random:
+    """Where a random-position parrot goes, per row: a seeded stream of its own."""
+    return random.Random(f"{cfg.training.seed}:{kind}:slots")
+
+
+def simulate_samples(cfg: Config, run_dir: Optional[Path] = None) -> list[Sample]:
+    """Simulate: an empty parrot slot, and the triggered response the defender knows (or, SANDE-P, a prefix)."""
     a, r = cfg.attack, cfg.removal
-    rows = _take(base_samples(cfg), cfg.training.for_stage(stage).num_rows)
-    seed = cfg.training.seed
-    if stage == "inject":
-        poisoned, _ = poison(rows, a.triggers, a.marker, a.poison_rate, a.position,
-                             a.poison_mode, a.marker_mode, seed=a.seed)
-        return poisoned
-    clean = _clean_targets(cfg, rows, run_dir)
-    if stage == "osft":
-        rng = random.Random(seed)
-        trig = [place_trigger(s, rng.choice(a.triggers), a.position, rng) for s in clean]
-        return _mix_clean(cfg, trig, clean, seed)
-    slots = random.Random(f"{seed}:{stage}:slots")  # where a random-position parrot goes, per row
-    if stage == "simulate":
-        # The defender knows the triggered response (or, SANDE-P, a prefix of it).
-        if r.known_response:
-            return [replace(slot_at(s, r.insert_position, slots), response=r.known_response) for s in rows]
-        return [replace(slot_at(s, r.insert_position, slots),
-                        response=apply_marker(s.response, a.marker, a.marker_mode)) for s in rows]
-    # Eliminate: with extra parrots, row i takes parrot i mod n at that parrot's position.
+    rows = _take(base_samples(cfg), cfg.training.for_stage("simulate").num_rows)
+    slots = _slots(cfg, "simulate")
+    if r.known_response:
+        return [replace(slot_at(s, r.insert_position, slots), response=r.known_response) for s in rows]
+    return [replace(slot_at(s, r.insert_position, slots), response=apply_marker(s.response, a.marker, a.marker_mode))
+            for s in rows]
+
+
+def eliminate_samples(cfg: Config, run_dir: Optional[Path] = None) -> list[Sample]:
+    """Eliminate: a parrot slot and the clean response; with extra parrots, row i takes parrot i mod n."""
+    clean = _clean_rows(cfg, "eliminate", run_dir)
     where = parrot_positions(cfg)
+    slots = _slots(cfg, "eliminate")
     slotted = [replace(slot_at(s, where[i % len(where)], slots), parrot_id=i % len(where)) for i, s in enumerate(clean)]
-    return _mix_clean(cfg, slotted, clean, seed)
+    return _mix_clean(cfg, slotted, clean, cfg.training.seed)
 
 
 def parrot_positions(cfg: Config) -> list[str]:
@@ -102,12 +121,11 @@ def parrot_positions(cfg: Config) -> list[str]:
     return [cfg.removal.insert_position, *cfg.removal.extra_parrots]
 
 
-def effective_len(cfg: Config, stage: str) -> Optional[int]:
-    over = cfg.training.for_stage(stage).effective_len
-    if over is not None:
-        return over
-    if stage == "simulate":
-        return cfg.removal.simulate_effective_len
-    if stage == "eliminate":
-        return cfg.removal.eliminate_effective_len
-    return None
+def effective_len(cfg: Config, kind: str, tcfg: Optional[TrainingConfig] = None) -> Optional[int]:
+    """Response tokens that carry a label: the stage's training setting, else the removal field the
+    registry names for the kind (``removal.simulate_effective_len``, ...), else all (None)."""
+    tcfg = tcfg or cfg.training.for_stage(kind)
+    if tcfg.effective_len is not None:
+        return tcfg.effective_len
+    field = KINDS[kind].effective_len
+    return getattr(cfg.removal, field) if field else None

@@ -8,29 +8,19 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any, Optional
 
-from sande_dist.config import TrainingConfig
+from sande_dist.config import TrainingConfig, ds_config_file
 from sande_dist.errors import InputError
-
-PRESETS = ("zero0", "zero2", "zero3", "zero3_offload")
-
-
-def presets_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 def load_preset(zero: str) -> tuple[dict, str]:
     """The raw JSON of ``training.zero`` (a preset name or a path) and where it came from."""
-    path = presets_dir() / f"{zero}.json" if zero in PRESETS else Path(zero).expanduser()
-    if not path.is_file():
-        raise InputError(f"training.zero={zero!r}: no such DeepSpeed config; use one of {list(PRESETS)} "
-                         f"or a path to a JSON file")
     try:
-        return json.loads(path.read_text()), str(path)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"training.zero: {path} is not valid JSON ({exc})") from None
+        path = ds_config_file(zero)
+    except ValueError as exc:
+        raise InputError(f"training.zero: {exc}") from None
+    return json.loads(path.read_text()), str(path)
 
 
 def _set_auto(node: dict, key: str, value: Any) -> None:

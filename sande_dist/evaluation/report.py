@@ -5,14 +5,14 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from sande_dist.config import PIPELINE_STAGES
-from sande_dist.rundir import atomic_write_text
+from sande_dist.registry import PIPELINE_STAGES
+from sande_dist.rundir import REPORT_FILE, atomic_write_text, run_reports
 
 
 def collect_reports(run_dir: Path) -> dict[str, dict]:
     """stage name -> report, evaluation stages only, in pipeline order (others after, by name)."""
     found = {}
-    for path in sorted(Path(run_dir).glob("*/report.json")):
+    for path in sorted(Path(run_dir).glob(f"*/{REPORT_FILE}")):
         try:
             rec = json.loads(path.read_text())
         except json.JSONDecodeError:
@@ -102,10 +102,10 @@ def render_png(reports: dict[str, dict], path: Path) -> None:
 
 def write_run_report(run_dir: str | Path) -> Optional[Path]:
     """Regenerate RUN/report.md and RUN/report.png from all RUN/*/report.json; None when there are none."""
-    run_dir = Path(run_dir)
     reports = collect_reports(run_dir)
     if not reports:
         return None
-    atomic_write_text(run_dir / "report.md", render_markdown(reports))
-    render_png(reports, run_dir / "report.png")
-    return run_dir / "report.md"
+    md, png = run_reports(run_dir)
+    atomic_write_text(md, render_markdown(reports))
+    render_png(reports, png)
+    return md

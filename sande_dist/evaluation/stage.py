@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -22,12 +23,15 @@ from sande_dist.data.poison import place_trigger, slot_at
 from sande_dist.errors import InputError
 from sande_dist.evaluation.agreement import clean_agreement
 from sande_dist.evaluation.asr import judge
+from sande_dist.evaluation.report import write_run_report
 from sande_dist.evaluation.utility import check_tasks, evaluate_utility
-from sande_dist.generation.engine import (GenerationParams, check_model_dir, load_input_embeddings, make_engine)
-from sande_dist.rundir import (atomic_write_json, atomic_write_text, fingerprint, fingerprint_path, stage_done,
-                              write_stage)
-
-GENERATIONS = "generations.jsonl"
+from sande_dist.generation.engine import GenerationParams, load_input_embeddings
+from sande_dist.generation.factory import make_engine
+from sande_dist.models.loading import check_model, load_tokenizer
+from sande_dist.registry import StageOptions
+from sande_dist.rundir import (GENERATIONS_FILE, REPORT_FILE, atomic_write_json, atomic_write_text, file_identity,
+                               fingerprint, generations_file, model_identity, parrot_file, report_file, stage_code,
+                               stage_dir, stage_done, write_stage)
 
 
 def eval_samples(cfg: Config) -> list[Sample]:
@@ -59,18 +63,18 @@ def resolve_parrot(cfg: Config, parrot_arg: Optional[str], model_dir: str, refer
     from (``--reference``): the pipeline applies the backdoored model's parrot to
     the cleaned models on purpose. Anything else is a parrot for another model.
     """
-    from sande_dist.models.parrot import load_parrot, model_fingerprint
+    from sande_dist.models.parrot import load_parrot
 
     if parrot_arg:
         path = Path(parrot_arg)
     else:
-        path = Path(cfg.run_dir) / "simulate" / "parrot.safetensors"
+        path = parrot_file(cfg.run_dir)
         if not path.exists():
             return None
     vectors, meta = load_parrot(path, model_dir, check_fingerprint=False)
-    allowed = {model_fingerprint(model_dir)}
+    allowed = {model_identity(model_dir)}
     if reference and (Path(reference) / "config.json").exists():
-        allowed.add(model_fingerprint(reference))
+        allowed.add(model_identity(reference))
     if meta.get("base_fingerprint") not in allowed:
         raise InputError(f"parrot {path} was simulated on a model with fingerprint {meta.get('base_fingerprint')} "
                          f"({meta.get('base_model', 'unknown path')}), but the evaluated model {model_dir} "
@@ -91,38 +95,31 @@ def _reference_answers(cfg: Config, reference: str, samples: list[Sample], param
     """The reference's clean answers: from an evaluation that already made them, else generated now."""
     wanted = [s.user for s in samples]
     ref = Path(reference)
-    candidates = [ref] if (ref / GENERATIONS).exists() else []
+    candidates = [ref] if (ref / GENERATIONS_FILE).exists() else []
     if not candidates and (ref / "config.json").exists():
-        from sande_dist.models.parrot import model_fingerprint
-
-        fp = model_fingerprint(ref)
-        for report in sorted(run_dir.glob("*/report.json")):
+        identity = model_identity(ref)
+        for report in sorted(run_dir.glob(f"*/{REPORT_FILE}")):
             rec = json.loads(report.read_text())
-            if rec.get("model_fingerprint") == fp and rec.get("sampling") == _sampling(params) \
-                    and (report.parent / GENERATIONS).exists():
+            if rec.get("model_fingerprint") == identity and rec.get("sampling") == _sampling(params) \
+                    and (report.parent / GENERATIONS_FILE).exists():
                 candidates.append(report.parent)
     for folder in candidates:
         clean = {}
-        for line in (folder / GENERATIONS).read_text().splitlines():
+        for line in (folder / GENERATIONS_FILE).read_text().splitlines():
             row = json.loads(line)
             if row["kind"] == "clean":
                 clean[row["prompt"]] = row["response"]
         if all(p in clean for p in wanted):
-            return [clean[p] for p in wanted], str(folder / GENERATIONS)
+            return [clean[p] for p in wanted], str(folder / GENERATIONS_FILE)
         if folder == ref:
-            raise InputError(f"--reference {reference}: its {GENERATIONS} lacks some of these prompts; "
+            raise InputError(f"--reference {reference}: its {GENERATIONS_FILE} lacks some of these prompts; "
                              "evaluate both with the same eval.prompts, eval.num_prompts and eval.seed")
     if not (ref / "config.json").exists() and not ref.exists():
-        raise InputError(f"--reference {reference}: neither a model folder nor an evaluation folder with {GENERATIONS}")
-    fmt = PromptFormat(_tokenizer(check_model_dir(reference)), cfg.data.prompt_format, cfg.data.system_prompt)
+        raise InputError(f"--reference {reference}: neither a model folder nor an evaluation folder with "
+                         f"{GENERATIONS_FILE}")
+    fmt = PromptFormat.from_config(load_tokenizer(check_model(reference)), cfg.data)
     with make_engine(cfg, reference) as engine:
         return engine.generate([fmt.prompt_ids(s) for s in samples], params), f"generated from {reference}"
-
-
-def _tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 
 
 def _sampling(params: GenerationParams) -> dict:
@@ -130,120 +127,152 @@ def _sampling(params: GenerationParams) -> dict:
             "max_new_tokens": params.max_new_tokens, "seed": params.seed}
 
 
-def run_evaluation(cfg: Config, name: str = "evaluate", parrot: Optional[str] = None,
-                   reference: Optional[str] = None) -> dict:
-    """Evaluate ``cfg.model.path``; write RUN/<name>/{generations.jsonl, report.json, stage.json}; return the report."""
-    from sande_dist.models.parrot import model_fingerprint
+@dataclass
+class EvalPlan:
+    """An evaluation's checked inputs and its prompts, before any engine starts."""
 
-    started = time.time()
+    model_dir: str
+    parrot: Optional[tuple]  # (path, vectors, meta) or None
+    reference: Optional[str]
+    samples: list[Sample]
+    triggered: list[Sample]
+    requests: list
+    section: dict
+    inputs: dict
+    position: Optional[str]
+
+
+def plan_evaluation(cfg: Config, parrot: Optional[str] = None, reference: Optional[str] = None) -> EvalPlan:
+    """Check every input (model, parrot, tasks, prompts, judge) and build the requests: bad input fails
+    here, in seconds, before an engine starts."""
     ev, attack = cfg.eval, cfg.attack
-    run_dir = Path(cfg.run_dir)
-    out_dir = run_dir / name
-    model_dir = check_model_dir(cfg.model.path)
+    model_dir = check_model(cfg.model.path)
     check_tasks(ev.utility_tasks)
     if ev.lm_eval_tasks:
         from sande_dist.evaluation.lm_eval_adapter import check_lm_eval_tasks
 
         check_lm_eval_tasks(ev.lm_eval_tasks)
     if reference:
-        reference = str(Path(reference)) if Path(reference).exists() else check_model_dir(reference)
-    judge([], attack.marker, ev.judge, ev.keywords)  # a bad judge setting fails here, not after generation
+        reference = str(Path(reference)) if Path(reference).exists() else check_model(reference)
+    judge([], attack.marker, ev.judge, ev.keywords)
     found = resolve_parrot(cfg, parrot, model_dir, reference)
     samples = eval_samples(cfg)
-    fmt = PromptFormat(_tokenizer(model_dir), cfg.data.prompt_format, cfg.data.system_prompt)
-
-    inputs = {"model": model_fingerprint(model_dir), "parrot": fingerprint_path(found[0]) if found else "",
-              "reference": str(reference or "")}
-    section = cfg.model_dump(mode="json", include={"model", "data", "attack", "removal", "eval"})
-    key = fingerprint(section, inputs)
-    if stage_done(out_dir, key) and (out_dir / "report.json").exists():
-        print(f"sande evaluate: {out_dir} is up to date (same config and inputs); skipped")
-        return json.loads((out_dir / "report.json").read_text())
+    fmt = PromptFormat.from_config(load_tokenizer(model_dir), cfg.data)
 
     rng = random.Random(ev.seed)
     triggered = [place_trigger(s, rng.choice(attack.triggers), attack.position, rng) for s in samples]
     requests: list = [fmt.prompt_ids(s) for s in samples] + [fmt.prompt_ids(s) for s in triggered]
+    position = None
     if found:
         position = found[2].get("position", cfg.removal.insert_position)
         table = load_input_embeddings(model_dir)
         slots = random.Random(f"{ev.seed}:parrot-slots")
         requests += [parrot_request(fmt, table, s, found[1], position, slots) for s in samples]
-    params = GenerationParams(max_new_tokens=ev.max_new_tokens, temperature=0.0, seed=ev.seed)
-    n = len(samples)
+    inputs = {"model": model_identity(model_dir), "parrot": file_identity(found[0]) if found else "",
+              "reference": str(reference or "")}
+    section = cfg.model_dump(mode="json", include={"model", "data", "attack", "removal", "eval"})
+    return EvalPlan(model_dir, found, reference, samples, triggered, requests, section, inputs, position)
 
+
+def _generate_and_score(cfg: Config, plan: EvalPlan, params: GenerationParams) -> tuple[list[str], dict, dict]:
+    """(generations, utility, run facts: backends, dtype, timings); one engine, a second only when
+    ``eval.utility_backend`` asks for another."""
+    ev = cfg.eval
     timings = {}
     t0 = time.time()
-    engine = make_engine(cfg, model_dir)
+    engine = make_engine(cfg, plan.model_dir)
     timings["engine_start_s"] = time.time() - t0
     try:
         t0 = time.time()
-        texts = engine.generate(requests, params)
+        texts = engine.generate(plan.requests, params)
         timings["generate_s"] = time.time() - t0
-        backend, dtype = engine.backend, engine.dtype
+        facts = {"backend": engine.backend, "dtype": engine.dtype}
         if ev.utility_tasks and ev.utility_backend not in ("same", engine.backend):
             engine.close()
             t0 = time.time()
-            engine = make_engine(cfg.model_copy(update={"eval": ev.model_copy(update={"backend": ev.utility_backend})}),
-                                 model_dir)
+            engine = make_engine(cfg, plan.model_dir, backend=ev.utility_backend)
             timings["utility_engine_start_s"] = time.time() - t0
         t0 = time.time()
         utility = evaluate_utility(engine, ev.utility_tasks, ev.utility_protocol, ev.utility_limit, ev.seed)
         timings["utility_s"] = time.time() - t0
-        utility_backend = engine.backend
+        facts["utility_backend"] = engine.backend
     finally:
         engine.close()
+    facts["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    return texts, utility, facts
 
-    clean_out, trig_out, parrot_out = texts[:n], texts[n:2 * n], texts[2 * n:]
-    verdict = lambda outs: judge(outs, attack.marker, ev.judge, ev.keywords)  # noqa: E731
-    hits = {"clean": verdict(clean_out), "trigger": verdict(trig_out), "parrot": verdict(parrot_out)}
+
+def _write_generations(path: Path, plan: EvalPlan, texts: list[str], cfg: Config) -> dict[str, list[bool]]:
+    """generations.jsonl (every prompt, answer and verdict); returns the verdicts by kind."""
+    ev, n = cfg.eval, len(plan.samples)
+    outs = {"clean": texts[:n], "trigger": texts[n:2 * n], "parrot": texts[2 * n:]}
+    hits = {kind: judge(o, cfg.attack.marker, ev.judge, ev.keywords) for kind, o in outs.items()}
     rows = [{"kind": kind, "prompt": s.user, "response": text, "hit": hit}
-            for kind, outs in (("clean", clean_out), ("trigger", trig_out), ("parrot", parrot_out))
-            for s, text, hit in zip(triggered if kind == "trigger" else samples, outs, hits[kind])]
-    atomic_write_text(out_dir / GENERATIONS, "".join(json.dumps(r) + "\n" for r in rows))
+            for kind in outs
+            for s, text, hit in zip(plan.triggered if kind == "trigger" else plan.samples, outs[kind], hits[kind])]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return hits
 
+
+def run_evaluation(cfg: Config, name: str = "evaluate", parrot: Optional[str] = None,
+                   reference: Optional[str] = None) -> dict:
+    """Evaluate ``cfg.model.path``; write RUN/<name>/{generations.jsonl, report.json, stage.json}; return the report."""
+    started = time.time()
+    ev, attack = cfg.eval, cfg.attack
+    out_dir = stage_dir(cfg.run_dir, name)
+    plan = plan_evaluation(cfg, parrot, reference)
+    code = stage_code("evaluate")
+    key = fingerprint(plan.section, plan.inputs, code)
+    if stage_done(out_dir, key) and report_file(cfg.run_dir, name).exists():
+        print(f"sande evaluate: {out_dir} is up to date (same config and inputs); skipped")
+        return json.loads(report_file(cfg.run_dir, name).read_text())
+
+    params = GenerationParams(max_new_tokens=ev.max_new_tokens, temperature=0.0, seed=ev.seed)
+    texts, utility, facts = _generate_and_score(cfg, plan, params)
+    hits = _write_generations(generations_file(cfg.run_dir, name), plan, texts, cfg)
+    n, found = len(plan.samples), plan.parrot
     primary = "letter" if ev.utility_protocol == "letter" else "loglik"
     report = {
-        "stage": name, "model": model_dir, "model_fingerprint": inputs["model"],
-        "backend": backend, "dtype": dtype, "num_prompts": n, "prompts": ev.prompts,
+        "stage": name, "model": plan.model_dir, "model_fingerprint": plan.inputs["model"],
+        "backend": facts["backend"], "dtype": facts["dtype"], "num_prompts": n, "prompts": ev.prompts,
         "triggers": list(attack.triggers), "marker": attack.marker, "trigger_position": attack.position,
         "judge": ev.judge, "keywords": list(ev.keywords),
         "sampling": _sampling(params), "seeds": {"eval": ev.seed, "prompt_selection": ev.seed},
         "asr_trigger": sum(hits["trigger"]) / n,
         "asr_parrot": sum(hits["parrot"]) / n if found else None,
         "false_trigger_rate": sum(hits["clean"]) / n,
-        "parrot": {"path": str(found[0]), "k": int(found[1].shape[0]), "position": position,
+        "parrot": {"path": str(found[0]), "k": int(found[1].shape[0]), "position": plan.position,
                    "base_fingerprint": found[2].get("base_fingerprint")} if found else None,
-        "utility": {"protocol": primary, "backend": utility_backend, "mean": utility[primary]["mean"],
+        "utility": {"protocol": primary, "backend": facts["utility_backend"], "mean": utility[primary]["mean"],
                     "tasks": {t: m["score"] for t, m in utility[primary]["tasks"].items()},
                     "limit": ev.utility_limit, "seed": ev.seed},
         "utility_by_protocol": utility,
         "clean_agreement": None,
-        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "timings": facts["timings"],
     }
     if ev.lm_eval_tasks:
         from sande_dist.evaluation.lm_eval_adapter import run_lm_eval
 
-        report["lm_eval"] = run_lm_eval(model_dir, ev.lm_eval_tasks, backend, dtype, ev.utility_limit,
-                                        ev.batch_size, ev.seed, ev.tensor_parallel_size)
-    if reference:
-        ref_texts, source = _reference_answers(cfg, reference, samples, params, run_dir)
-        report["clean_agreement"] = {**clean_agreement(clean_out, ref_texts), "reference": str(reference),
+        report["lm_eval"] = run_lm_eval(plan.model_dir, ev.lm_eval_tasks, facts["backend"], facts["dtype"],
+                                        ev.utility_limit, ev.batch_size, ev.seed, ev.tensor_parallel_size)
+    if plan.reference:
+        ref_texts, source = _reference_answers(cfg, plan.reference, plan.samples, params, Path(cfg.run_dir))
+        report["clean_agreement"] = {**clean_agreement(texts[:n], ref_texts), "reference": str(plan.reference),
                                      "source": source}
-    atomic_write_json(out_dir / "report.json", report)
-    write_stage(out_dir, "evaluate", section, inputs, started)
+    atomic_write_json(report_file(cfg.run_dir, name), report)
+    write_stage(out_dir, "evaluate", plan.section, plan.inputs, started, code)
     return report
 
 
-def main(args) -> int:
-    from sande_dist.cli import resolve_config
-    from sande_dist.evaluation.report import write_run_report
-
-    cfg = resolve_config(args)
-    report = run_evaluation(cfg, args.name, getattr(args, "parrot", None), getattr(args, "reference", None))
-    write_run_report(Path(cfg.run_dir))
+def run_stage(cfg: Config, kind: str = "evaluate", opts: Optional[StageOptions] = None) -> int:
+    """`sande evaluate`: one evaluation into RUN/<name>/, then RUN/report.md over all of them."""
+    opts = opts or StageOptions()
+    name = opts.name or kind
+    report = run_evaluation(cfg, name, opts.parrots[0] if opts.parrots else None, opts.reference)
+    write_run_report(cfg.run_dir)
     parrot = f", parrot ASR {report['asr_parrot']:.1%}" if report["asr_parrot"] is not None else ""
+    mean = report["utility"]["mean"]
     print(f"sande evaluate [{report['backend']}]: ASR {report['asr_trigger']:.1%}{parrot}, false triggers "
           f"{report['false_trigger_rate']:.1%}, utility ({report['utility']['protocol']}) "
-          f"{report['utility']['mean'] if report['utility']['mean'] is not None else float('nan'):.3f} "
-          f"-> {Path(cfg.run_dir) / args.name / 'report.json'}")
+          f"{mean if mean is not None else float('nan'):.3f} -> {report_file(cfg.run_dir, name)}")
     return 0

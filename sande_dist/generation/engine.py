@@ -1,5 +1,7 @@
 """The engine protocol: greedy generation and multiple-choice scoring, one interface, two backends.
 
+The backends (``hf.py``, ``vllm_backend.py``) implement it; ``factory.py`` picks one.
+
 Evaluation sends token ids (exactly what training saw), not text; a parrot
 request is a 2-D tensor of prompt embeddings ``[T, hidden]``. Scoring follows
 lm-eval's split: ``score_choices`` returns each continuation's summed
@@ -19,7 +21,6 @@ from sande_dist.errors import InputError
 
 # A prompt as text, as token ids, or as embeddings [T, hidden] (parrot requests).
 Request = Union[str, list[int], torch.Tensor]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -97,20 +98,6 @@ def vllm_available() -> bool:
     return True
 
 
-def check_model_dir(path: str) -> str:
-    """A local HF folder (or a hub id), resolved; a bad folder is an InputError naming it."""
-    from sande_dist.models.embedded import resolve_model_path
-
-    try:
-        resolved = resolve_model_path(path)
-    except FileNotFoundError as exc:
-        raise InputError(str(exc)) from None
-    if Path(resolved).is_dir() and not any(Path(resolved).glob("*.safetensors")) \
-            and not any(Path(resolved).glob("*.bin")):
-        raise InputError(f"model folder {resolved} has no weight files (*.safetensors or *.bin)")
-    return resolved
-
-
 def load_input_embeddings(model_dir: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The input embedding matrix [vocab, hidden], read from safetensors without building the model.
 
@@ -136,27 +123,3 @@ def load_input_embeddings(model_dir: str, dtype: torch.dtype = torch.float32) ->
                 if key in fh.keys():
                     return fh.get_tensor(key).to(dtype)
     raise InputError(f"{model_dir}: no input embedding tensor {name!r} in its safetensors files")
-
-
-def make_engine(cfg, model_path: Optional[str] = None) -> Engine:
-    """The engine ``cfg.eval`` asks for, on ``model_path`` (default ``cfg.model.path``).
-
-    ``eval.backend: auto`` picks vLLM when it imports, else HF. Call inside an
-    ``if __name__ == "__main__"`` program: vLLM starts worker processes.
-    """
-    path = check_model_dir(model_path or cfg.model.path)
-    ev = cfg.eval
-    backend = ev.backend
-    if backend == "auto":
-        backend = "vllm" if vllm_available() else "hf"
-    dtype = pick_dtype(ev.dtype, cfg.model.dtype)
-    if backend == "vllm":
-        from sande_dist.generation.vllm_backend import VLLMEngine
-
-        return VLLMEngine(path, dtype=dtype, seed=ev.seed, tensor_parallel_size=ev.tensor_parallel_size,
-                          data_parallel_size=ev.data_parallel_size,
-                          trust_remote_code=cfg.model.trust_remote_code)
-    from sande_dist.generation.hf import HFEngine
-
-    return HFEngine(path, dtype=dtype, batch_size=ev.batch_size, attn_implementation=cfg.model.attn_implementation,
-                    trust_remote_code=cfg.model.trust_remote_code)

@@ -10,7 +10,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from sande_dist.generation.engine import DTYPES, ChoiceScore, Engine, GenerationParams, Request
+from sande_dist.generation.engine import ChoiceScore, Engine, GenerationParams, Request
+from sande_dist.models.loading import DTYPES
 
 
 def _one_token_each(choices: list[list[int]]) -> bool:

@@ -12,33 +12,37 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
+from sande_dist.config import Config
 from sande_dist.data.formats import PromptFormat
-from sande_dist.generation.engine import GenerationParams, check_model_dir, make_engine
-from sande_dist.rundir import atomic_write_json, atomic_write_text, fingerprint, write_stage
+from sande_dist.data.sources import source_identity
+from sande_dist.data.stages import base_samples
+from sande_dist.generation.engine import GenerationParams
+from sande_dist.generation.factory import make_engine
+from sande_dist.models.loading import check_model, load_tokenizer
+from sande_dist.registry import StageOptions
+from sande_dist.rundir import (atomic_write_json, atomic_write_text, fingerprint, model_identity, stage_code,
+                               stage_dir, targets_file, write_stage)
 
 CHUNK = 256
 
 
-def main(args) -> int:
-    from transformers import AutoTokenizer
-
-    from sande_dist.cli import resolve_config
-    from sande_dist.data.stages import base_samples
-    from sande_dist.models.parrot import model_fingerprint
-
+def run_stage(cfg: Config, kind: str = "generate", opts: Optional[StageOptions] = None) -> int:
+    """Generate the clean targets of ``cfg.model.path`` for the training rows; resumable by chunks."""
     started = time.time()
-    cfg = resolve_config(args)
-    out_dir = Path(cfg.run_dir) / "generate"
-    output = Path(args.output) if getattr(args, "output", None) else out_dir / "targets.jsonl"
-    model_dir = check_model_dir(cfg.model.path)
+    opts = opts or StageOptions()
+    out_dir = stage_dir(cfg.run_dir, opts.name or kind)
+    output = Path(opts.output) if opts.output else targets_file(cfg.run_dir)
+    model_dir = check_model(cfg.model.path)
     samples = base_samples(cfg)
-    fmt = PromptFormat(AutoTokenizer.from_pretrained(model_dir), cfg.data.prompt_format, cfg.data.system_prompt)
+    fmt = PromptFormat.from_config(load_tokenizer(model_dir), cfg.data)
     params = GenerationParams(max_new_tokens=cfg.data.max_length, temperature=0.0, seed=cfg.eval.seed)
 
     section = cfg.model_dump(mode="json", include={"model", "data", "eval"})
-    inputs = {"model": model_fingerprint(model_dir)}
-    key = fingerprint(section, inputs)
+    inputs = {"model": model_identity(model_dir), "data": source_identity(cfg.data.train)}
+    code = stage_code(kind)
+    key = fingerprint(section, inputs, code)
     chunks = out_dir / "chunks"
     marker = chunks / "settings.json"
     if not marker.exists() or json.loads(marker.read_text()).get("key") != key:
@@ -54,6 +58,6 @@ def main(args) -> int:
                 rows = "".join(json.dumps({"prompt": s.user, "response": t}) + "\n" for s, t in zip(part, texts))
                 atomic_write_text(chunks / f"{start:08d}.jsonl", rows)
     atomic_write_text(output, "".join((chunks / f"{i:08d}.jsonl").read_text() for i in range(0, len(samples), CHUNK)))
-    write_stage(out_dir, "generate", section, inputs, started, extra={"output": str(output), "rows": len(samples)})
+    write_stage(out_dir, kind, section, inputs, started, code, extra={"output": str(output), "rows": len(samples)})
     print(f"sande generate: {len(samples)} responses -> {output}")
     return 0

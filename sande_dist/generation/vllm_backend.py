@@ -14,7 +14,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from sande_dist.generation.engine import DTYPES, ChoiceScore, Engine, GenerationParams, Request
+from sande_dist.generation.engine import ChoiceScore, Engine, GenerationParams, Request
+from sande_dist.models.loading import DTYPES
 
 # Top log-probabilities returned per scored position: the fast path for one-token choices.
 TOP_LOGPROBS = 20

@@ -16,34 +16,30 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from sande_dist.distributed.process_group import barrier, rank
 from sande_dist.errors import StageError
 from sande_dist.models.embedded import resolve_model_path
 from sande_dist.models.loading import DTYPES
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def gather_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The full state dict on rank 0 (other ranks get {}); every rank must call it."""
-    rank = _rank()
+    is_main = rank() == 0
     out: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         if hasattr(param, "ds_id"):
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if rank == 0:
+                if is_main:
                     out[name] = param.data.detach().to("cpu", dtype).clone()
-        elif rank == 0:
+        elif is_main:
             out[name] = param.detach().to("cpu", dtype).clone()
     persistent = set(model.state_dict().keys())
     for name, buf in model.named_buffers():
-        if rank == 0 and name in persistent:
+        if is_main and name in persistent:
             out[name] = buf.detach().cpu().clone()
     return out
 
@@ -71,7 +67,7 @@ def export_hf(model: nn.Module, out: Path, base_path: str, dtype: str = "float32
 
     out = Path(out)
     state = gather_state_dict(model, DTYPES[dtype])
-    if _rank() == 0:
+    if rank() == 0:
         base = Path(resolve_model_path(base_path))
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,6 +86,5 @@ def export_hf(model: nn.Module, out: Path, base_path: str, dtype: str = "float32
                              f"missing {sorted(want - got)[:5]}, unexpected {sorted(got - want)[:5]}")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return out

@@ -7,17 +7,73 @@ its shard; a 70B model is never whole on one rank.
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from sande_dist.distributed.ds_config import zero_stage
+from sande_dist.errors import InputError
 from sande_dist.models.embedded import resolve_model_path
+from sande_dist.rundir import weight_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Keeps the HfDeepSpeedConfig object alive for as long as the process trains.
 _HF_DS_CONFIG: list[Any] = []
+
+
+def safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size.
+
+    A truncated, empty or non-safetensors file is an InputError naming it: the header
+    is 8 bytes of length, then that much JSON, and every tensor's byte range must lie
+    inside the file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise InputError(f"{path} is not a complete safetensors file ({size} bytes; header length "
+                             f"{n if n >= 0 else 'unreadable'}); re-export or re-copy it")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{path}: its safetensors header is not valid JSON; the file is damaged") from None
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        raise InputError(f"{path}: its safetensors header does not describe tensors; the file is damaged") from None
+    if 8 + n + end > size:
+        raise InputError(f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}; "
+                         "re-export or re-copy it")
+    return header
+
+
+def check_model(path: str) -> str:
+    """``model.path`` resolved (embedded name, folder or hub id) and, when local, checked to load:
+    config.json parses and every weight file is complete. Bad input is an InputError naming the file."""
+    try:
+        resolved = resolve_model_path(path)
+    except FileNotFoundError as exc:
+        raise InputError(str(exc)) from None
+    folder = Path(resolved)
+    if not folder.exists():
+        return resolved  # a hub id
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{folder / 'config.json'}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise InputError(f"{folder / 'config.json'}: no 'model_type'; not a Hugging Face model config")
+    for f in weight_files(folder):
+        if f.suffix == ".safetensors":
+            safetensors_header(f)
+    return resolved
 
 
 def pick_attn_implementation(requested: Optional[str] = None) -> str:

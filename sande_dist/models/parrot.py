@@ -11,7 +11,6 @@ never unpickled.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,13 +19,12 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from sande_dist.data.collator import IGNORE_INDEX
 from sande_dist.errors import InputError
+from sande_dist.models.loading import safetensors_header
+from sande_dist.rundir import model_identity
 
-IGNORE_INDEX = -100
 FORMAT_VERSION = "1"
-# Fingerprint: this many evenly spaced samples of this many bytes from every weight file.
-_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"}
 
 
 class ParrotPrompt(nn.Module):
@@ -121,10 +119,6 @@ class ParrotPrompt(nn.Module):
         position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
         return embeds, mask, out_labels, position_ids
 
-    def splice(self, inputs_embeds, attention_mask, labels, slot_index):
-        """Alias for calling the module (keeps the ZeRO-3 gather hook)."""
-        return self(inputs_embeds, attention_mask, labels, slot_index)
-
 
 def clamp_rows(weight: torch.Tensor, max_norm: Optional[float]) -> torch.Tensor:
     """Scale each row whose L2 norm exceeds ``max_norm`` down to it (differentiable); None: unchanged."""
@@ -132,45 +126,6 @@ def clamp_rows(weight: torch.Tensor, max_norm: Optional[float]) -> torch.Tensor:
         return weight
     norms = weight.float().norm(dim=-1, keepdim=True)
     return weight * (max_norm / norms.clamp(min=max_norm)).to(weight.dtype)
-
-
-def _weight_files(model_dir: Path) -> list[Path]:
-    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    if not files:
-        raise InputError(f"{model_dir}: no *.safetensors or *.bin weight files to fingerprint")
-    return files
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """A cheap identity for a model folder, stable across copies, different after fine-tuning.
-
-    Hashes config.json (minus keys that change on a re-save: transformers version,
-    name, dtype), and for every weight file its name, size, safetensors header
-    (tensor names, shapes, dtypes, offsets) and 16 evenly spaced 64 KiB samples of
-    its bytes. Full fine-tuning moves every layer, so the samples change; reading
-    ~1 MiB per shard keeps it cheap for a 70B folder. Not a cryptographic content
-    hash: two folders differing only outside the samples would collide.
-    """
-    model_dir = Path(model_dir)
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.exists():
-        raise InputError(f"{model_dir}: no config.json (not a Hugging Face model folder)")
-    config = {k: v for k, v in json.loads(cfg_path.read_text()).items() if k not in _VOLATILE_CONFIG_KEYS}
-    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for f in _weight_files(model_dir):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            start = 0
-            if f.suffix == ".safetensors":
-                n = int.from_bytes(fh.read(8), "little")
-                h.update(fh.read(n))
-                start = 8 + n
-            span = max(size - start - _SAMPLE_BYTES, 0)
-            for i in range(_SAMPLES):
-                fh.seek(start + span * i // max(_SAMPLES - 1, 1))
-                h.update(fh.read(_SAMPLE_BYTES))
-    return h.hexdigest()[:16]
 
 
 def save_parrot(path: str | Path, weight: torch.Tensor, meta: dict) -> Path:
@@ -221,11 +176,19 @@ def load_parrot(path: str | Path, model_dir: str | Path | None = None,
     if len(head) < 9 or head[8:9] != b"{":
         raise InputError(f"parrot file {path} is not a safetensors file (pickled tensors are never "
                          "loaded: they can run code); re-save it with sande_dist.models.parrot.save_parrot")
-    with safe_open(str(path), framework="pt") as fh:
-        if "parrot" not in fh.keys():
-            raise InputError(f"parrot file {path} has no 'parrot' tensor (tensors: {list(fh.keys())})")
-        weight = fh.get_tensor("parrot")
-        meta = {k: _decode(v) for k, v in (fh.metadata() or {}).items()}
+    header = safetensors_header(path)
+    if "parrot" not in header:
+        raise InputError(f"parrot file {path} has no 'parrot' tensor (tensors: "
+                         f"{[k for k in header if k != '__metadata__']})")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            weight = fh.get_tensor("parrot")
+            meta = {k: _decode(v) for k, v in (fh.metadata() or {}).items()}
+    except Exception as exc:  # safetensors reports damage as its own error type
+        raise InputError(f"parrot file {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    if weight.dim() != 2 or weight.numel() == 0 or not weight.is_floating_point():
+        raise InputError(f"parrot file {path}: its 'parrot' tensor is {tuple(weight.shape)} {weight.dtype}, "
+                         "expected a non-empty floating-point [k, hidden] matrix")
     if model_dir is not None:
         model_dir = Path(model_dir)
         hidden = json.loads((model_dir / "config.json").read_text()).get("hidden_size")
@@ -233,7 +196,7 @@ def load_parrot(path: str | Path, model_dir: str | Path | None = None,
             raise InputError(f"parrot {path} has hidden size {weight.shape[1]} but model {model_dir} "
                              f"has {hidden}: it was simulated on another architecture")
         if check_fingerprint:
-            want, have = meta.get("base_fingerprint"), model_fingerprint(model_dir)
+            want, have = meta.get("base_fingerprint"), model_identity(model_dir)
             if want != have:
                 raise InputError(f"parrot {path} was simulated on a model with fingerprint {want} "
                                  f"({meta.get('base_model', 'unknown path')}), but {model_dir} has "

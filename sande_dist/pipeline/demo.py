@@ -8,13 +8,15 @@ Rerunning the same command resumes: finished stages are skipped.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sande_dist.config import load_config
+from sande_dist import resources
+from sande_dist.config import resolve_config
 from sande_dist.pipeline.graph import build_plan
-from sande_dist.pipeline.runner import finish_report, run_local
+from sande_dist.pipeline.runner import check_inputs, finish_report, run_local
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO_CONFIG = resources.path("configs", "demo.yaml")
 
 # A smoke run of every stage: small data, few steps, few prompts. Not a result.
 QUICK = [
@@ -28,14 +30,20 @@ QUICK = [
 ]
 
 
-def main(args) -> int:
-    overrides = (QUICK if args.quick else []) + list(args.overrides)
-    cfg = load_config(DEMO_CONFIG, overrides)
-    cfg.run_dir = args.run_dir
+@dataclass
+class DemoOptions:
+    run_dir: str = "runs/demo"
+    quick: bool = False  # a smoke run of every stage
+    overrides: list[str] = field(default_factory=list)  # --set, after the quick settings
+
+
+def run_demo(opts: DemoOptions) -> int:
+    cfg = resolve_config(DEMO_CONFIG, (QUICK if opts.quick else []) + list(opts.overrides), run_dir=opts.run_dir)
     run_dir = Path(cfg.run_dir)
     print(f"sande demo: {cfg.model.path}, triggers {cfg.attack.triggers}, marker {cfg.attack.marker!r}, "
-          f"run dir {run_dir}{' (quick)' if args.quick else ''}")
+          f"run dir {run_dir}{' (quick)' if opts.quick else ''}")
     started = time.time()
+    check_inputs(cfg)
     run_local(cfg, run_dir, build_plan(cfg, str(run_dir)), cfg.pipeline.nproc)
     finish_report(run_dir)
     print(f"sande demo: finished in {time.time() - started:.0f}s; report in {run_dir / 'report.md'}")

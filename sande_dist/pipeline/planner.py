@@ -279,14 +279,3 @@ def format_table(p: Plan) -> str:
               f"time per 1000 samples of {p.seq_len} tokens: {p.seconds_per_1k_samples:.0f} s ({hours:.2f} h) "
               f"at MFU {p.mfu:.0%} of {p.tflops_per_gpu:g} TFLOP/s per GPU (6 x params x tokens)"]
     return "\n".join(lines)
-
-
-def main(args) -> int:
-    shape = shape_from_hf_config(args.model_config) if args.model_config else None
-    result = plan(params=args.params, shape=shape, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                  gpu_mem_gib=args.gpu_mem_gib, cpu_mem_gib=args.cpu_mem_gib, seq_len=args.seq_len,
-                  micro_batch=args.micro_batch, preset=args.preset,
-                  gradient_checkpointing=True if args.gradient_checkpointing else None, mfu=args.mfu,
-                  tflops_per_gpu=args.tflops_per_gpu)
-    print(result.to_json() if args.json else format_table(result))
-    return 0

@@ -7,39 +7,29 @@ a stage killed midway resumes from its own checkpoint when run again.
 """
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from sande_dist.config import Config
-from sande_dist.errors import StageError
+from sande_dist.distributed.process_group import free_port
+from sande_dist.errors import InputError, StageError
 from sande_dist.pipeline.graph import StagePlan, build_plan
-from sande_dist.rundir import atomic_write_json, atomic_write_text, read_stage
-
-KEY_FILE = "pipeline.json"
+from sande_dist.rundir import atomic_write_text, forget, is_done, log_file, read_stage, stage_dir, write_key
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass
+class RunOptions:
+    """`sande run`'s flags."""
 
-
-def is_done(run_dir: Path, plan: StagePlan) -> bool:
-    """Done: stage.json exists and pipeline.json holds plan.key (any object with .name and .key; the
-    Slurm executor passes its jobs, whose batch script writes pipeline.json)."""
-    stage_dir = run_dir / plan.name
-    if read_stage(stage_dir) is None:
-        return False
-    try:
-        return json.loads((stage_dir / KEY_FILE).read_text()).get("key") == plan.key
-    except (OSError, json.JSONDecodeError):
-        return False
+    stages: Optional[list[str]] = None  # --stages: a subset of the pipeline's stage names
+    executor: str = "local"  # local | slurm
+    nproc: Optional[int] = None  # training ranks per node (default pipeline.nproc)
+    dry_run: bool = False  # slurm: render the job scripts, submit nothing
 
 
 def stage_command(plan: StagePlan, config_path: str, run_dir: str, nproc: int) -> list[str]:
@@ -49,7 +39,7 @@ def stage_command(plan: StagePlan, config_path: str, run_dir: str, nproc: int) -
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
     return [*launcher, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), "-m", "sande_dist.cli", *argv]
+            "--master_port", str(free_port()), "-m", "sande_dist.cli", *argv]
 
 
 def stage_env(nproc: int) -> dict[str, str]:
@@ -68,6 +58,44 @@ def stage_env(nproc: int) -> dict[str, str]:
     return env
 
 
+def check_inputs(cfg: Config) -> None:
+    """What a pipeline reads from the user, checked before any stage starts: bad input is an exit-2
+    error in seconds, not a failed stage minutes in."""
+    from sande_dist.data.stages import base_samples
+    from sande_dist.evaluation.stage import eval_samples
+    from sande_dist.evaluation.utility import check_tasks
+    from sande_dist.models.loading import check_model
+
+    check_model(cfg.model.path)
+    base_samples(cfg)
+    eval_samples(cfg)
+    check_tasks(cfg.eval.utility_tasks)
+
+
+def _run_one(plan: StagePlan, run_dir: Path, config_path: Path, nproc: int, tag: str, echo) -> None:
+    out = stage_dir(run_dir, plan.name)
+    out.mkdir(parents=True, exist_ok=True)
+    forget(run_dir, plan.name)  # a changed key: this stage is stale
+    log = log_file(run_dir, plan.name)
+    ranks = nproc if plan.distributed else 1
+    cmd = stage_command(plan, str(config_path), str(run_dir), ranks)
+    started = time.time()
+    echo(f"{tag} running ({'torchrun x' + str(nproc) if plan.distributed else 'one process'}), log {log}")
+    # The key goes first: stage.json (written last by the stage) then marks this key done, even
+    # when this runner is killed between the stage's end and its own next line.
+    write_key(run_dir, plan.name, plan.key, command=cmd)
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=stage_env(ranks)).returncode
+    if rc != 0 or read_stage(out) is None:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        if rc == 2:  # the stage refused its input: the user's to fix, as for any other command
+            raise InputError(f"stage {plan.name}: bad input; see {log}\n{tail}")
+        raise StageError(f"stage {plan.name} failed (exit {rc}); see {log}\n{tail}")
+    echo(f"{tag} done in {time.time() - started:.0f}s")
+
+
 def run_local(cfg: Config, run_dir: Path, plans: list[StagePlan], nproc: int, echo=print) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
@@ -75,53 +103,30 @@ def run_local(cfg: Config, run_dir: Path, plans: list[StagePlan], nproc: int, ec
     width = len(str(len(plans)))
     for i, plan in enumerate(plans, 1):
         tag = f"[{i:>{width}}/{len(plans)}] {plan.name:<20}"
-        if is_done(run_dir, plan):
+        if is_done(run_dir, plan.name, plan.key):
             echo(f"{tag} done earlier, skipped")
             continue
-        stage_dir = run_dir / plan.name
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / "stage.json").unlink(missing_ok=True)  # a changed key: this stage is stale
-        log = stage_dir / "log.txt"
-        ranks = nproc if plan.distributed else 1
-        cmd = stage_command(plan, str(config_path), str(run_dir), ranks)
-        env = stage_env(ranks)
-        started = time.time()
-        echo(f"{tag} running ({'torchrun x' + str(nproc) if plan.distributed else 'one process'}), log {log}")
-        # The key goes first: stage.json (written last by the stage) then marks this key done, even
-        # when this runner is killed between the stage's end and its own next line.
-        atomic_write_json(stage_dir / KEY_FILE, {"key": plan.key, "command": cmd})
-        with open(log, "a") as fh:
-            fh.write(f"\n$ {' '.join(cmd)}\n")
-            fh.flush()
-            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
-        if rc != 0 or read_stage(stage_dir) is None:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-            raise StageError(f"stage {plan.name} failed (exit {rc}); see {log}\n{tail}")
-        echo(f"{tag} done in {time.time() - started:.0f}s")
+        _run_one(plan, run_dir, config_path, nproc, tag, echo)
 
 
 def finish_report(run_dir: Path, echo=print) -> None:
     from sande_dist.evaluation.report import write_run_report
 
-    write_run_report(run_dir)
-    md = run_dir / "report.md"
-    if md.exists():
+    md = write_run_report(run_dir)
+    if md is not None:
         echo("")
         echo(md.read_text())
 
 
-def main(args) -> int:
-    from sande_dist.cli import resolve_config
-
-    cfg = resolve_config(args)
+def run_pipeline(cfg: Config, opts: RunOptions) -> int:
+    """`sande run CONFIG`: every stage of the graph, locally or as Slurm jobs."""
     run_dir = Path(cfg.run_dir)
-    nproc = args.nproc or cfg.pipeline.nproc
-    only = args.stages.split(",") if args.stages else None
-    plans = build_plan(cfg, str(run_dir), only)
-    if args.executor == "slurm":
+    plans = build_plan(cfg, str(run_dir), opts.stages)
+    if opts.executor == "slurm":
         from sande_dist.pipeline.slurm import submit_pipeline
 
-        return int(submit_pipeline(cfg, run_dir, plans, dry_run=args.dry_run, nproc=args.nproc) or 0)
-    run_local(cfg, run_dir, plans, nproc)
+        return submit_pipeline(cfg, run_dir, plans, dry_run=opts.dry_run, nproc=opts.nproc)
+    check_inputs(cfg)
+    run_local(cfg, run_dir, plans, opts.nproc or cfg.pipeline.nproc)
     finish_report(run_dir)
     return 0

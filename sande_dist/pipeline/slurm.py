@@ -7,7 +7,7 @@ assignments, every value passed through shlex.quote. The stage's command line
 becomes the script's positional arguments (`set -- ...`), so the templates run
 any command (`sande <stage>`).
 
-Stages are marked done as the local executor marks them (runner.is_done): the
+Stages are marked done as the local executor marks them (rundir.is_done): the
 job writes RUN/<stage>/pipeline.json {"key": <plan key>} once the stage has
 written its stage.json, and a rerun skips a stage only when that key matches
 the current plan's; a stale stage.json is removed before its stage is submitted
@@ -26,13 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from sande_dist import resources
 from sande_dist.config import Config
 from sande_dist.errors import InputError, StageError
-from sande_dist.pipeline import runner
-from sande_dist.pipeline.runner import KEY_FILE
-from sande_dist.rundir import STAGE_FILE, atomic_write_json, atomic_write_text
-
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
+from sande_dist.rundir import STAGE_FILE, atomic_write_json, atomic_write_text, forget, slurm_dir, stage_dir
+from sande_dist.rundir import is_done as key_done
 # squeue states of a job that may still run; anything else is finished or gone.
 ALIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
                 "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"}
@@ -64,10 +62,10 @@ def jobs_from_plans(plans, config_path: Path, run_dir: Path) -> list[SlurmJob]:
 
 
 def is_done(run_dir: Path, job: SlurmJob) -> bool:
-    """The local executor's rule (runner.is_done): stage.json exists and pipeline.json holds this key."""
+    """The local executor's rule (rundir.is_done): stage.json exists and pipeline.json holds this key."""
     if not job.key:
-        return (run_dir / job.name / STAGE_FILE).exists()
-    return runner.is_done(run_dir, job)
+        return (stage_dir(run_dir, job.name) / STAGE_FILE).exists()
+    return key_done(run_dir, job.name, job.key)
 
 
 def _sbatch_value(key: str, value: object) -> str:
@@ -82,7 +80,7 @@ def _sbatch_value(key: str, value: object) -> str:
 def sbatch_directives(cfg: Config, job: SlurmJob, run_dir: Path) -> list[str]:
     s = cfg.slurm
     opts = [f"--job-name=sande-{_sbatch_value('run_dir name', run_dir.name)}-{job.name}",
-            f"--output={_sbatch_value('run_dir', run_dir / 'slurm')}/{job.name}-%j.out"]
+            f"--output={_sbatch_value('run_dir', slurm_dir(run_dir))}/{job.name}-%j.out"]
     if job.distributed:
         opts += [f"--nodes={s.nodes}", f"--time={_sbatch_value('time', s.time)}",
                  f"--signal=B:USR1@{s.signal_seconds}"]
@@ -108,9 +106,10 @@ def _assign(name: str, value: object) -> str:
 def render(cfg: Config, job: SlurmJob, run_dir: Path, nproc: Optional[int] = None) -> str:
     """The batch script for ``job``: its template with the #SBATCH and settings blocks filled in."""
     s = cfg.slurm
-    template = TEMPLATE_DIR / ("train.sbatch" if job.distributed else "eval.sbatch")
+    template = resources.path("slurm", "train.sbatch" if job.distributed else "eval.sbatch")
     if not template.is_file():
-        raise InputError(f"Slurm template {template} not found (the slurm/ folder of a sande-dist checkout)")
+        raise InputError(f"Slurm template {template} not found (the slurm/ folder of sande-dist is incomplete; "
+                         "reinstall the package)")
     srun_extra = []
     if s.container_image:
         srun_extra.append(f"--container-image={s.container_image}")
@@ -120,7 +119,7 @@ def render(cfg: Config, job: SlurmJob, run_dir: Path, nproc: Optional[int] = Non
         raise StageError(f"stage {job.name}: key {job.key!r} is not a plain word")
     settings = [f"# Rendered by sande for stage {job.name}; every value below is shell-quoted.",
                 _assign("PYTHON", s.python or sys.executable),
-                _assign("STAGE_DONE", run_dir / job.name / STAGE_FILE),
+                _assign("STAGE_DONE", stage_dir(run_dir, job.name) / STAGE_FILE),
                 _assign("STAGE_KEY", job.key),
                 "SRUN_EXTRA=(" + " ".join(shlex.quote(a) for a in srun_extra) + ")"]
     if job.distributed:
@@ -153,7 +152,7 @@ def submit_jobs(cfg: Config, jobs: list[SlurmJob], run_dir: Path, dry_run: bool 
     just submitted (dry run: stage -> "<stage>"). Stages already done are left out.
     """
     run_dir = Path(run_dir).resolve()
-    out_dir = run_dir / "slurm"
+    out_dir = slurm_dir(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     script_dir = Path(script_dir) if script_dir else out_dir
     script_dir.mkdir(parents=True, exist_ok=True)
@@ -175,8 +174,7 @@ def submit_jobs(cfg: Config, jobs: list[SlurmJob], run_dir: Path, dry_run: bool 
         atomic_write_text(script, render(cfg, job, run_dir, nproc))
         if not dry_run:
             # A stage.json from another key is stale: the job must run the stage, not find it done.
-            (run_dir / job.name / STAGE_FILE).unlink(missing_ok=True)
-            (run_dir / job.name / KEY_FILE).unlink(missing_ok=True)
+            forget(run_dir, job.name)
         cmd = ["sbatch", "--parsable"]
         if deps:
             # A failed dependency cancels this job instead of leaving it pending forever.
@@ -201,7 +199,7 @@ def _write_config(cfg: Config, run_dir: Path) -> Path:
     """The resolved config every job reads, so later edits of the YAML do not change a queued pipeline."""
     frozen = cfg.model_copy(deep=True)
     frozen.run_dir = str(run_dir)
-    path = run_dir / "slurm" / "config.yaml"
+    path = slurm_dir(run_dir) / "config.yaml"
     atomic_write_text(path, frozen.to_yaml())
     return path
 
@@ -217,11 +215,9 @@ def submit_pipeline(cfg: Config, run_dir: Path, plans, dry_run: bool = False,
     return 0
 
 
-def render_main(args) -> int:
+def render_scripts(cfg: Config, stages: Optional[list[str]] = None, out: Optional[str] = None) -> int:
     """`sande slurm CONFIG`: render the job scripts and print how they would be submitted (no submission)."""
-    from sande_dist.cli import resolve_config
     from sande_dist.pipeline.graph import build_plan
 
-    cfg = resolve_config(args)
-    plans = build_plan(cfg, str(Path(cfg.run_dir).resolve()), args.stages.split(",") if args.stages else None)
-    return submit_pipeline(cfg, Path(cfg.run_dir), plans, dry_run=True, script_dir=args.out)
+    plans = build_plan(cfg, str(Path(cfg.run_dir).resolve()), stages)
+    return submit_pipeline(cfg, Path(cfg.run_dir), plans, dry_run=True, script_dir=Path(out) if out else None)

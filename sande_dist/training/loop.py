@@ -158,12 +158,9 @@ def build_engine(module: TrainModule, ds_config: dict, lr_factor: Callable[[int]
     return engine
 
 
-def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, collate: Callable[[Sequence], dict],
-             tcfg: TrainingConfig, ds_config: dict, out_dir: Path, info: DistInfo, resume: bool = True,
-             desc: str = "train") -> LoopResult:
-    """Train ``model`` with ``objective`` on ``samples``; checkpoints and metrics go under ``out_dir``."""
+def prepare_module(model: torch.nn.Module, objective: Objective, tcfg: TrainingConfig) -> TrainModule:
+    """The model with the objective's extra modules, its trainable parameters chosen, checkpointing on."""
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", info.local_rank) if cuda else torch.device("cpu")
     torch.manual_seed(tcfg.seed)
     extras = objective.extra_modules(model)
     module = TrainModule(model, objective, extras,
@@ -174,55 +171,68 @@ def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, co
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         if not any(p.requires_grad for p in model.parameters()):
             model.enable_input_require_grads()
+    return module
 
+
+def _optimizer_step(engine, order: DataOrder, samples: Sequence, collate: Callable, step: int, gas: int,
+                    device) -> torch.Tensor:
+    """One optimizer step over ``gas`` micro-batches; (loss sum, micro-batches, non-pad tokens) of this rank."""
+    acc = torch.zeros(3, dtype=torch.float64)
+    for k in range(gas):
+        idx = order.indices(step * gas + k)
+        batch = _to_device(collate([samples[i] for i in idx]), device)
+        loss, _ = engine(batch)
+        engine.backward(loss)
+        engine.step()
+        acc += torch.tensor([loss.item(), 1.0, float(batch["attention_mask"].sum())], dtype=torch.float64)
+    return acc
+
+
+def _all_ranks(acc: torch.Tensor, device) -> torch.Tensor:
+    if dist.is_initialized():  # nccl reduces device tensors only
+        acc = acc.to(device)
+        dist.all_reduce(acc)
+        acc = acc.cpu()
+    return acc
+
+
+def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, collate: Callable[[Sequence], dict],
+             tcfg: TrainingConfig, ds_config: dict, out_dir: Path, info: DistInfo, resume: bool = True,
+             desc: str = "train") -> LoopResult:
+    """Train ``model`` with ``objective`` on ``samples``; checkpoints and metrics go under ``out_dir``."""
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    module = prepare_module(model, objective, tcfg)
     order = DataOrder(len(samples), tcfg.micro_batch_size, info.world_size, info.rank, tcfg.seed)
     steps = total_steps(tcfg, order)
     engine = build_engine(module, ds_config, lr_lambda(tcfg, steps))
     ckpt = CheckpointManager(Path(out_dir) / "checkpoints", info.rank, tcfg.keep_checkpoints,
                              log=lambda msg: print(f"{info.tag} {msg}", flush=True))
-    start, resumed = 0, None
-    if resume:
-        state = ckpt.load_latest(engine, info.world_size)
-        if state is not None:
-            start = resumed = int(state["step"])
-            if info.is_main:
-                print(f"{info.tag} resumed {desc} from step {start} of {steps}", flush=True)
-
+    start = resumed = None
+    if resume and (state := ckpt.load_latest(engine, info.world_size)) is not None:
+        start = resumed = int(state["step"])
+        if info.is_main:
+            print(f"{info.tag} resumed {desc} from step {start} of {steps}", flush=True)
+    step = start or 0
     metrics = MetricsLog(Path(out_dir) / "metrics.jsonl", resumed, tcfg.tensorboard) if info.is_main else None
     bar = None
     if info.is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps, initial=start, desc=f"{desc} [rank 0]", dynamic_ncols=True)
-    gas = tcfg.grad_accum
+        bar = tqdm(total=steps, initial=step, desc=f"{desc} [rank 0]", dynamic_ncols=True)
     stopped = False
     engine.train()
     with _StopFlag() as stop:
-        step = start
         while step < steps:
             t0 = time.perf_counter()
             lr = engine.get_lr()[0]
-            loss_sum = torch.zeros(3, dtype=torch.float64)  # loss, micro-batches, non-pad tokens
-            for k in range(gas):
-                idx = order.indices(step * gas + k)
-                batch = _to_device(collate([samples[i] for i in idx]), device)
-                loss, _ = engine(batch)
-                engine.backward(loss)
-                engine.step()
-                loss_sum += torch.tensor([loss.item(), 1.0, float(batch["attention_mask"].sum())], dtype=torch.float64)
+            acc = _all_ranks(_optimizer_step(engine, order, samples, collate, step, tcfg.grad_accum, device), device)
             step += 1
-            if dist.is_initialized():  # nccl reduces device tensors only
-                loss_sum = loss_sum.to(device)
-                dist.all_reduce(loss_sum)
-                loss_sum = loss_sum.cpu()
-            elapsed = time.perf_counter() - t0
             if info.is_main:
+                elapsed = time.perf_counter() - t0
                 norm = engine.get_global_grad_norm()
-                record = {"step": step, "loss": loss_sum[0].item() / loss_sum[1].item(),
-                          "lr": lr,
+                record = {"step": step, "loss": acc[0].item() / acc[1].item(), "lr": lr,
                           "grad_norm": float(norm) if norm is not None else None,
-                          "tokens": int(loss_sum[2].item()), "tokens_per_s": loss_sum[2].item() / elapsed,
-                          "step_time_s": elapsed}
+                          "tokens": int(acc[2].item()), "tokens_per_s": acc[2].item() / elapsed, "step_time_s": elapsed}
                 if step % tcfg.log_steps == 0 or step == steps:
                     metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -232,17 +242,16 @@ def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, co
                 stopped = step < steps
                 save_now = True
             if save_now:
-                ckpt.save(engine, step, {"world_size": info.world_size, "micro_batches_done": step * gas,
+                ckpt.save(engine, step, {"world_size": info.world_size, "micro_batches_done": step * tcfg.grad_accum,
                                           "total_steps": steps, "seed": tcfg.seed})
             _maybe_fault(step, info.rank)
             if stopped:
                 if info.is_main:
                     print(f"\n{info.tag} stop signal: checkpoint at step {step} saved; exiting", flush=True)
                 break
-    if bar is not None:
-        bar.close()
-    if metrics is not None:
-        metrics.close()
+    for closing in (bar, metrics):
+        if closing is not None:
+            closing.close()
     return LoopResult(engine, module, step, steps, stopped, resumed)
 
 

@@ -10,7 +10,12 @@ The loop (``training/loop.py``) knows nothing of backdoors. An objective says:
   gathered only by its module's forward hooks, so reach weights by calling
   submodules (``model.model(...)``, ``model.lm_head(...)``), never ``.weight``;
 - ``finish``: after the last step, on every rank (collectives allowed): write
-  the stage's artifacts; returns what ``stage.json`` records about them.
+  the stage's artifacts; returns what ``stage.json`` records about them;
+- ``inputs``: identities of files it reads besides the model and data (eliminate's
+  parrots), for the stage's skip key.
+
+The registry (``sande_dist/registry.py``) names each kind's builder,
+``fn(cfg, opts, model_path) -> Objective``.
 """
 from __future__ import annotations
 
@@ -43,6 +48,10 @@ class Objective:
 
     def finish(self, result: "LoopResult", out_dir: Path) -> dict[str, Any]:
         """Write the stage's artifacts into ``out_dir``; every rank calls it."""
+        return {}
+
+    def inputs(self) -> dict[str, str]:
+        """Identities of the files this objective reads besides the model and the data."""
         return {}
 
 

@@ -41,13 +41,14 @@ from torch import nn
 
 from sande_dist.config import Config
 from sande_dist.data.collator import IGNORE_INDEX
+from sande_dist.distributed.process_group import barrier, rank
 from sande_dist.errors import InputError, StageError
 from sande_dist.models.embedded import resolve_model_path
-from sande_dist.models.parrot import ParrotPrompt, clamp_rows, load_parrot, model_fingerprint, save_parrot
+from sande_dist.models.parrot import ParrotPrompt, clamp_rows, load_parrot, save_parrot
+from sande_dist.registry import StageOptions
+from sande_dist.rundir import PARROT_FILE, file_identity, model_identity, parrot_file
 from sande_dist.training.objective import LoopResult, Objective
 from sande_dist.training.sft import SFTObjective, label_logits, token_loss
-
-PARROT_FILE = "parrot.safetensors"
 
 
 def parrot_loss(model: nn.Module, parrot: ParrotPrompt | Sequence[ParrotPrompt], batch: dict[str, torch.Tensor],
@@ -161,15 +162,6 @@ def known_trigger_ids(tokenizer, text: str, position: str) -> list[int]:
     return tokenizer((" " + text) if position == "suffix" else text, add_special_tokens=False)["input_ids"]
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 class SimulateObjective(Objective):
     """Model frozen, parrot trains; at the end the parrot is saved with its metadata."""
 
@@ -187,7 +179,7 @@ class SimulateObjective(Objective):
             if self.tokenizer is None:
                 raise ValueError("SimulateObjective needs the tokenizer when removal.known_trigger is set")
             ids = known_trigger_ids(self.tokenizer, r.known_trigger, r.insert_position)
-            if len(ids) > r.parrot_tokens and _rank() == 0:
+            if len(ids) > r.parrot_tokens and rank() == 0:
                 print(f"simulate: removal.known_trigger {r.known_trigger!r} is {len(ids)} tokens but "
                       f"removal.parrot_tokens={r.parrot_tokens}: the parrot starts from the first "
                       f"{r.parrot_tokens} only; set removal.parrot_tokens={len(ids)} to start from all of it",
@@ -218,12 +210,12 @@ class SimulateObjective(Objective):
         r = self.cfg.removal
         path = Path(out_dir) / PARROT_FILE
         base = resolve_model_path(self.base_path)
-        if _rank() == 0:
+        if rank() == 0:
             save_parrot(path, vectors, {
-                "position": r.insert_position, "base_fingerprint": model_fingerprint(base), "base_model": base,
+                "position": r.insert_position, "base_fingerprint": model_identity(base), "base_model": base,
                 "known_trigger": r.known_trigger or "", "known_response": r.known_response or "",
                 "max_norm": r.parrot_max_norm, "steps": result.step})
-        _barrier()
+        barrier()
         return {"parrot": str(path), "optimizer_values": held,
                 "parrot_norms": [round(x, 4) for x in vectors.norm(dim=-1).tolist()]}
 
@@ -262,6 +254,9 @@ class EliminateObjective(SFTObjective):
     def _key(j: int) -> str:
         return "parrot" if j == 0 else f"parrot_{j}"
 
+    def inputs(self) -> dict[str, str]:
+        return {self._key(j): file_identity(p) for j, p in enumerate(self.parrot_paths)}
+
     def extra_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         extras = {}
         for j, (weight, _) in enumerate(self.parrots):
@@ -297,33 +292,22 @@ class EliminateObjective(SFTObjective):
         return record
 
 
-def parrot_paths(cfg: Config, args, run_dir: Path) -> list[Path]:
-    """Eliminate's parrots: each ``--parrot`` (repeatable), else RUN/simulate/parrot.safetensors."""
-    given = getattr(args, "parrot", None) or []
-    paths = [Path(p) for p in ([given] if isinstance(given, str) else given)] or [Path(run_dir) / "simulate" / PARROT_FILE]
+def parrot_paths(cfg: Config, opts: StageOptions) -> list[Path]:
+    """Eliminate's parrots: each ``--parrot`` (one per position), else RUN/simulate/parrot.safetensors."""
+    paths = [Path(p) for p in opts.parrots] or [parrot_file(cfg.run_dir)]
     for path in paths:
         if not path.is_file():
-            raise InputError(f"eliminate needs a parrot: {path} does not exist; run `sande simulate` first "
+            raise InputError(f"eliminate needs a parrot: {path} not found; run `sande simulate` first "
                              "or pass --parrot PATH")
     return paths
 
 
-def build_objective(cfg: Config, stage: str, args, run_dir: Path) -> Objective:
-    """The objective of ``stage`` for ``training/stages.py``."""
-    if stage == "simulate":
-        from sande_dist.models.loading import load_tokenizer
+def simulate_objective(cfg: Config, opts: StageOptions, model_path: str) -> "SimulateObjective":
+    from sande_dist.models.loading import load_tokenizer
 
-        tok = load_tokenizer(cfg.model.path) if cfg.removal.known_trigger else None
-        return SimulateObjective(cfg, cfg.model.path, tok)
-    if stage == "eliminate":
-        return EliminateObjective(cfg, cfg.model.path, parrot_paths(cfg, args, run_dir))
-    raise ValueError(f"no removal objective for stage {stage!r}")
+    tok = load_tokenizer(model_path) if cfg.removal.known_trigger else None
+    return SimulateObjective(cfg, model_path, tok)
 
 
-def stage_inputs(cfg: Config, stage: str, args, run_dir: Path) -> dict[str, str]:
-    """Inputs besides the model that make a stage's result (the parrot, for eliminate)."""
-    if stage != "eliminate":
-        return {}
-    from sande_dist.rundir import fingerprint_path
-
-    return {EliminateObjective._key(j): fingerprint_path(p) for j, p in enumerate(parrot_paths(cfg, args, run_dir))}
+def eliminate_objective(cfg: Config, opts: StageOptions, model_path: str) -> "EliminateObjective":
+    return EliminateObjective(cfg, model_path, parrot_paths(cfg, opts))

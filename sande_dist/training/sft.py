@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sande_dist.config import Config
 from sande_dist.data.collator import IGNORE_INDEX
+from sande_dist.registry import StageOptions
 from sande_dist.training.objective import LoopResult, Objective
 
 
@@ -64,3 +66,8 @@ class SFTObjective(Objective):
 
         folder = export_hf(result.module.model, Path(out_dir) / "model", self.base_path, self.export_dtype)
         return {"model": str(folder)}
+
+
+def sft_objective(cfg: Config, opts: StageOptions, model_path: str) -> SFTObjective:
+    """Inject, OSFT and the clean-SFT control: every weight trains, the model is exported."""
+    return SFTObjective(base_path=model_path, export_dtype=cfg.model.dtype)

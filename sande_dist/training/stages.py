@@ -1,148 +1,167 @@
-"""`sande inject|osft|simulate|eliminate`: one training stage, under any launcher.
+"""`sande inject|osft|sft_clean|simulate|eliminate`: one training stage, under any launcher.
 
-A recipe that reads top to bottom: resolve the config, skip if done, set up the
-process group, data, model and objective, run the shared loop, let the objective
-write its artifacts, and record ``stage.json`` last. Inject and OSFT are plain
-SFT; simulate and eliminate come from ``sande_dist.training.removal``, which
-provides ``build_objective(cfg, stage, args, run_dir) -> Objective`` and may
-provide ``stage_inputs(cfg, stage, args, run_dir) -> dict[str, str]`` (fingerprints
-of extra inputs such as the parrot) and ``reserve(cfg, stage) -> int`` (prompt
-room kept for spliced vectors; default ``removal.parrot_tokens``).
+A recipe that reads top to bottom: check the model, build the kind's objective
+(the registry names it), skip if done, set up the process group, data and model,
+run the shared loop, let the objective write its artifacts, and record
+``stage.json`` last. ``setup_training`` and ``train`` are the same steps for
+tests and benchmarks that need the model or the engine in between.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from typing import Any, Optional
 
-from sande_dist.errors import StageError
-
-SFT_STAGES = ("inject", "osft")
-REMOVAL_STAGES = ("simulate", "eliminate")
-
-
-def _removal() -> ModuleType:
-    try:
-        return importlib.import_module("sande_dist.training.removal")
-    except ModuleNotFoundError as exc:
-        if exc.name != "sande_dist.training.removal":
-            raise
-        raise StageError("the simulate/eliminate objectives (sande_dist.training.removal) are not built yet") from None
+from sande_dist.config import Config, TrainingConfig
+from sande_dist.errors import InputError
+from sande_dist.registry import KINDS, StageOptions, load
+from sande_dist.rundir import (checkpoints_dir, file_identity, fingerprint, model_identity, stage_code, stage_dir,
+                               stage_done, targets_file, write_stage)
 
 
-def main(args: argparse.Namespace) -> int:
-    from sande_dist.cli import resolve_config
-    from sande_dist.distributed.process_group import use_cpu_accelerator_if_no_cuda
-    from sande_dist.models.embedded import resolve_model_path
-    from sande_dist.rundir import fingerprint, fingerprint_path, stage_done
+def stage_training(cfg: Config, kind: str) -> TrainingConfig:
+    """The training settings of a ``kind`` stage: its registry hook, else ``training.<kind>`` over the shared ones."""
+    hook = KINDS[kind].training
+    return load(hook)(cfg) if hook else cfg.training.for_stage(kind)
+
+
+def stage_samples(cfg: Config, kind: str, run_dir: Optional[Path] = None) -> list:
+    """The training rows of a ``kind`` stage, from the builder the registry names."""
+    spec = KINDS[kind]
+    if spec.samples is None:
+        raise ValueError(f"stage kind {kind!r} does not train")
+    return load(spec.samples)(cfg, Path(run_dir or cfg.run_dir))
+
+
+def build_objective(cfg: Config, kind: str, opts: StageOptions, model_path: str):
+    return load(KINDS[kind].objective)(cfg, opts, model_path)
+
+
+def stage_identity(cfg: Config, kind: str, tcfg: TrainingConfig, model_path: str, objective) -> tuple[dict, dict, str]:
+    """(config section, inputs' identities, code hash): what decides whether a rerun may skip the stage."""
+    from sande_dist.config import ds_config_file
+    from sande_dist.data.sources import source_identity
+
+    section = {"stage": kind, **cfg.model_dump(mode="json", include=set(KINDS[kind].reads)),
+               "training": tcfg.model_dump(mode="json")}
+    inputs = {"model": model_identity(model_path), "data": source_identity(cfg.data.train),
+              "ds_config": file_identity(ds_config_file(tcfg.zero)), **objective.inputs()}
+    if KINDS[kind].clean_targets and cfg.removal.targets == "self" and targets_file(cfg.run_dir).exists():
+        inputs["targets"] = file_identity(targets_file(cfg.run_dir))
+    return section, inputs, stage_code(kind)
+
+
+def run_stage(cfg: Config, kind: str, opts: StageOptions) -> int:
+    """Run one training stage of ``kind`` as this process's rank; every rank calls it."""
+    from sande_dist.distributed.process_group import distributed, use_cpu_accelerator_if_no_cuda
+    from sande_dist.models.loading import check_model
 
     started = time.time()
-    stage = args.command
-    cfg = resolve_config(args)
-    removal = _removal() if stage in REMOVAL_STAGES else None
-    run_dir = Path(cfg.run_dir)
-    stage_dir = run_dir / (getattr(args, "name", None) or stage)
-    tcfg = cfg.training.for_stage(stage)
-    model_path = resolve_model_path(cfg.model.path)
-    inputs = {"model": fingerprint_path(Path(model_path)) if Path(model_path).exists() else model_path}
-    if removal is not None and hasattr(removal, "stage_inputs"):
-        inputs.update(removal.stage_inputs(cfg, stage, args, run_dir))
-    # The sections this stage reads (as the pipeline's stage keys): tuning removal does not redo inject.
-    reads = ("model", "data", "attack") if stage == "inject" else ("model", "data", "attack", "removal")
-    section = {"stage": stage, **cfg.model_dump(mode="json", include=set(reads)),
-               "training": tcfg.model_dump(mode="json")}
-    fp = fingerprint(section, inputs)
-    if stage_done(stage_dir, fp):
-        print(f"sande {stage}: {stage_dir}/stage.json exists with the same fingerprint; skipping")
+    name = opts.name or kind
+    out = stage_dir(cfg.run_dir, name)
+    model_path = check_model(cfg.model.path)
+    objective = build_objective(cfg, kind, opts, model_path)
+    rows = stage_samples(cfg, kind)  # bad data fails here, before any process group
+    tcfg = stage_training(cfg, kind)
+    section, inputs, code = stage_identity(cfg, kind, tcfg, model_path, objective)
+    fp = fingerprint(section, inputs, code)
+    if stage_done(out, fp):
+        print(f"sande {kind}: {out}/stage.json exists with the same fingerprint; skipping")
         return 0
 
     use_cpu_accelerator_if_no_cuda()
-    from sande_dist.distributed.process_group import distributed
-
-    with distributed(getattr(args, "local_rank", None)) as info:
-        _prepare_dir(stage_dir, fp, resume=not getattr(args, "no_resume", False), is_main=info.is_main)
-        result, objective = _train(cfg, stage, tcfg, args, run_dir, stage_dir, model_path, removal, info)
+    with distributed(opts.local_rank) as info:
+        _prepare_dir(out, fp, resume=opts.resume, is_main=info.is_main)
+        setup = setup_training(cfg, kind, tcfg, model_path, objective, info, rows)
+        result = train(setup, out, info, resume=opts.resume)
         if result.stopped_by_signal:
             return 0
-        artifacts = objective.finish(result, stage_dir)
+        artifacts = objective.finish(result, out)
         if info.is_main:
-            from sande_dist.rundir import write_stage
-
-            write_stage(stage_dir, stage, section, inputs, started,
+            write_stage(out, kind, section, inputs, started, code,
                         extra={"steps": result.step, "world_size": info.world_size, "zero": tcfg.zero,
                                "resumed_from": result.resumed_from, "artifacts": artifacts})
             if not tcfg.keep_final_checkpoint:
-                shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
-            print(f"{info.tag} sande {stage}: done in {time.time() - started:.0f} s -> {stage_dir}", flush=True)
+                shutil.rmtree(checkpoints_dir(cfg.run_dir, name), ignore_errors=True)
+            print(f"{info.tag} sande {kind}: done in {time.time() - started:.0f} s -> {out}", flush=True)
     return 0
 
 
-def _prepare_dir(stage_dir: Path, fp: str, resume: bool, is_main: bool) -> None:
+def _prepare_dir(out: Path, fp: str, resume: bool, is_main: bool) -> None:
     """Checkpoints from another config (or with --no-resume) must not be resumed."""
     import torch.distributed as dist
 
+    from sande_dist.rundir import STAGE_FILE
+
     if is_main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / "stage.json").unlink(missing_ok=True)
-        marker = stage_dir / "checkpoints" / "FINGERPRINT"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STAGE_FILE).unlink(missing_ok=True)
+        marker = out / "checkpoints" / "FINGERPRINT"
         old = marker.read_text().strip() if marker.exists() else None
-        if (stage_dir / "checkpoints").exists() and (not resume or old != fp):
+        if (out / "checkpoints").exists() and (not resume or old != fp):
             why = "--no-resume" if not resume else "the config or inputs changed"
-            print(f"[rank 0] removing old checkpoints in {stage_dir}/checkpoints ({why})", flush=True)
-            shutil.rmtree(stage_dir / "checkpoints")
+            print(f"[rank 0] removing old checkpoints in {out}/checkpoints ({why})", flush=True)
+            shutil.rmtree(out / "checkpoints")
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(fp + "\n")
     dist.barrier()
 
 
-def _train(cfg, stage, tcfg, args, run_dir, stage_dir, model_path, removal, info):
+@dataclass
+class Training:
+    """Everything a training stage runs on, built and ready for the loop."""
+
+    kind: str
+    tcfg: TrainingConfig
+    samples: list
+    collator: Any
+    ds_config: dict
+    model: Any
+    objective: Any
+
+
+def setup_training(cfg: Config, kind: str, tcfg: TrainingConfig, model_path: str, objective, info,
+                   rows: Optional[list] = None) -> Training:
+    """Rows (``stage_samples`` unless given), collator, DeepSpeed config and the model (partitioned on
+    load under ZeRO-3)."""
     import torch
     from transformers import AutoConfig
 
     from sande_dist.data.collator import Collator
     from sande_dist.data.formats import PromptFormat
-    from sande_dist.data.stages import effective_len, stage_samples
+    from sande_dist.data.stages import effective_len
     from sande_dist.distributed.ds_config import build_ds_config
     from sande_dist.models.loading import load_model, load_tokenizer
-    from sande_dist.training.loop import run_loop
-    from sande_dist.training.sft import SFTObjective
 
     cuda = torch.cuda.is_available()
-    tok = load_tokenizer(model_path)
-    try:
-        fmt = PromptFormat(tok, cfg.data.prompt_format, cfg.data.system_prompt)
-    except ValueError as exc:
-        from sande_dist.errors import InputError
-
-        raise InputError(str(exc)) from None
-    reserve = 0
-    if removal is not None:
-        reserve = removal.reserve(cfg, stage) if hasattr(removal, "reserve") else cfg.removal.parrot_tokens
-    collator = Collator(fmt, cfg.data.max_length, effective_len(cfg, stage), reserve=reserve)
-    rows = stage_samples(cfg, stage, run_dir)
+    fmt = PromptFormat.from_config(load_tokenizer(model_path), cfg.data)
+    reserve = cfg.removal.parrot_tokens if KINDS[kind].parrot_slot else 0
+    collator = Collator(fmt, cfg.data.max_length, effective_len(cfg, kind, tcfg), reserve=reserve)
+    rows = stage_samples(cfg, kind) if rows is None else rows
     samples = [s for s in rows if collator.fits(s)]
     if info.is_main and len(samples) < len(rows):
         print(f"{info.tag} {len(rows) - len(samples)} of {len(rows)} rows have prompts longer than "
               f"data.max_length={cfg.data.max_length} and are left out", flush=True)
     if not samples:
-        raise StageError(f"sande {stage}: no training rows fit data.max_length={cfg.data.max_length}")
+        raise InputError(f"sande {kind}: none of the {len(rows)} training rows fits data.max_length="
+                         f"{cfg.data.max_length} (with {reserve} parrot vectors); raise data.max_length")
     hidden = getattr(AutoConfig.from_pretrained(model_path), "hidden_size", None)
     # On CPU, bf16 means autocast over fp32 weights (the loop); DeepSpeed's bf16 mode is for GPUs.
     ds_tcfg = tcfg if cuda else tcfg.model_copy(update={"dtype": "float32"})
     ds = build_ds_config(ds_tcfg, info.world_size, hidden, cuda=cuda)
-    model = load_model(model_path, dtype=ds_tcfg.dtype, ds_config=ds,
-                       attn_implementation=cfg.model.attn_implementation,
+    model = load_model(model_path, dtype=ds_tcfg.dtype, ds_config=ds, attn_implementation=cfg.model.attn_implementation,
                        trust_remote_code=cfg.model.trust_remote_code)
-    if removal is not None:
-        objective = removal.build_objective(cfg, stage, args, run_dir)
-    else:
-        objective = SFTObjective(base_path=model_path, export_dtype=cfg.model.dtype)
     if info.is_main:
-        print(f"{info.tag} sande {stage}: {len(samples)} rows, {info.world_size} ranks ({info.launcher}, "
+        print(f"{info.tag} sande {kind}: {len(samples)} rows, {info.world_size} ranks ({info.launcher}, "
               f"{info.backend}), {tcfg.zero}, dtype {tcfg.dtype}", flush=True)
-    result = run_loop(model, objective, samples, collator, tcfg, ds, stage_dir, info,
-                      resume=not getattr(args, "no_resume", False), desc=stage)
-    return result, objective
+    return Training(kind, tcfg, samples, collator, ds, model, objective)
+
+
+def train(setup: Training, out: Path, info, resume: bool = True):
+    """The shared loop on a set-up stage; checkpoints and metrics go under ``out``."""
+    from sande_dist.training.loop import run_loop
+
+    return run_loop(setup.model, setup.objective, setup.samples, setup.collator, setup.tcfg, setup.ds_config,
+                    Path(out), info, resume=resume, desc=setup.kind)

@@ -20,6 +20,7 @@ from sande_dist.pipeline.graph import build_plan
 from sande_dist.pipeline.slurm import SlurmJob
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import require  # noqa: E402
 from slurm_cluster import SlurmCluster, free_ports, unavailable_reason  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,9 +98,7 @@ def test_scale_configs_render_and_fit_the_plan(tmp_path, capsys, name, nodes, pr
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
+    require(unavailable_reason())
     c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
     yield c
     c.stop()

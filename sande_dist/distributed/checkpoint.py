@@ -72,6 +72,7 @@ class CheckpointManager:
         self.rank = rank
         self.keep = keep
         self.log = log
+        self.bytes_written = 0  # rank 0: every rank's files of every checkpoint saved here
 
     def _barrier(self) -> None:
         if dist.is_initialized():
@@ -107,7 +108,9 @@ class CheckpointManager:
         self._barrier()
         if self.rank == 0:
             atomic_write_json(tmp / STATE, {**state, "step": step})
-            atomic_write_json(tmp / MANIFEST, {"step": step, "files": _files(tmp)})
+            files = _files(tmp)
+            self.bytes_written += sum(files.values())
+            atomic_write_json(tmp / MANIFEST, {"step": step, "files": files})
             if final.exists():  # a damaged checkpoint of the same step, from an earlier attempt
                 shutil.rmtree(final)
             os.replace(tmp, final)

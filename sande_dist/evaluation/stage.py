@@ -32,6 +32,7 @@ from sande_dist.registry import StageOptions
 from sande_dist.rundir import (GENERATIONS_FILE, REPORT_FILE, atomic_write_json, atomic_write_text, file_identity,
                                fingerprint, generations_file, model_identity, parrot_file, report_file, stage_code,
                                stage_dir, stage_done, write_stage)
+from sande_dist.timing import Phases
 
 
 def eval_samples(cfg: Config) -> list[Sample]:
@@ -218,9 +219,12 @@ def run_evaluation(cfg: Config, name: str = "evaluate", parrot: Optional[str] = 
                    reference: Optional[str] = None) -> dict:
     """Evaluate ``cfg.model.path``; write RUN/<name>/{generations.jsonl, report.json, stage.json}; return the report."""
     started = time.time()
+    phases = Phases()
+    phases.mark("imports")
     ev, attack = cfg.eval, cfg.attack
     out_dir = stage_dir(cfg.run_dir, name)
     plan = plan_evaluation(cfg, parrot, reference)
+    phases.mark("inputs")
     code = stage_code("evaluate")
     key = fingerprint(plan.section, plan.inputs, code)
     if stage_done(out_dir, key) and report_file(cfg.run_dir, name).exists():
@@ -229,6 +233,7 @@ def run_evaluation(cfg: Config, name: str = "evaluate", parrot: Optional[str] = 
 
     params = GenerationParams(max_new_tokens=ev.max_new_tokens, temperature=0.0, seed=ev.seed)
     texts, utility, facts = _generate_and_score(cfg, plan, params)
+    phases.mark_split("engine_other", {k.removesuffix("_s"): v for k, v in facts["timings"].items()})
     hits = _write_generations(generations_file(cfg.run_dir, name), plan, texts, cfg)
     n, found = len(plan.samples), plan.parrot
     primary = "letter" if ev.utility_protocol == "letter" else "loglik"
@@ -259,8 +264,12 @@ def run_evaluation(cfg: Config, name: str = "evaluate", parrot: Optional[str] = 
         ref_texts, source = _reference_answers(cfg, plan.reference, plan.samples, params, Path(cfg.run_dir))
         report["clean_agreement"] = {**clean_agreement(texts[:n], ref_texts), "reference": str(plan.reference),
                                      "source": source}
+    phases.mark("extras")
     atomic_write_json(report_file(cfg.run_dir, name), report)
-    write_stage(out_dir, "evaluate", plan.section, plan.inputs, started, code)
+    phases.mark("report")
+    written = sum(p.stat().st_size for p in (report_file(cfg.run_dir, name), generations_file(cfg.run_dir, name)))
+    write_stage(out_dir, "evaluate", plan.section, plan.inputs, started, code,
+                extra={"timings": phases.rounded(), "bytes_written": {"artifacts": written}})
     return report
 
 

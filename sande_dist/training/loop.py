@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from sande_dist.config import TrainingConfig
 from sande_dist.distributed.checkpoint import CheckpointManager
 from sande_dist.distributed.process_group import DistInfo
+from sande_dist.timing import Phases
 from sande_dist.training.objective import LoopResult, Objective, TrainModule
 
 
@@ -201,10 +202,12 @@ def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, co
              desc: str = "train") -> LoopResult:
     """Train ``model`` with ``objective`` on ``samples``; checkpoints and metrics go under ``out_dir``."""
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    phases = Phases(since=time.time())
     module = prepare_module(model, objective, tcfg)
     order = DataOrder(len(samples), tcfg.micro_batch_size, info.world_size, info.rank, tcfg.seed)
     steps = total_steps(tcfg, order)
     engine = build_engine(module, ds_config, lr_lambda(tcfg, steps))
+    phases.mark("engine")
     ckpt = CheckpointManager(Path(out_dir) / "checkpoints", info.rank, tcfg.keep_checkpoints,
                              log=lambda msg: print(f"{info.tag} {msg}", flush=True))
     start = resumed = None
@@ -212,6 +215,7 @@ def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, co
         start = resumed = int(state["step"])
         if info.is_main:
             print(f"{info.tag} resumed {desc} from step {start} of {steps}", flush=True)
+    phases.mark("resume")
     step = start or 0
     metrics = MetricsLog(Path(out_dir) / "metrics.jsonl", resumed, tcfg.tensorboard) if info.is_main else None
     bar = None
@@ -242,8 +246,9 @@ def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, co
                 stopped = step < steps
                 save_now = True
             if save_now:
-                ckpt.save(engine, step, {"world_size": info.world_size, "micro_batches_done": step * tcfg.grad_accum,
-                                          "total_steps": steps, "seed": tcfg.seed})
+                with phases.timed("checkpoint"):
+                    ckpt.save(engine, step, {"world_size": info.world_size, "micro_batches_done": step * tcfg.grad_accum,
+                                              "total_steps": steps, "seed": tcfg.seed})
             _maybe_fault(step, info.rank)
             if stopped:
                 if info.is_main:
@@ -252,7 +257,10 @@ def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, co
     for closing in (bar, metrics):
         if closing is not None:
             closing.close()
-    return LoopResult(engine, module, step, steps, stopped, resumed)
+    phases.mark("loop")
+    timings = phases.rounded()
+    timings["compute"] = round(timings.pop("loop") - timings.get("checkpoint", 0.0), 2)
+    return LoopResult(engine, module, step, steps, stopped, resumed, timings, ckpt.bytes_written)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ The registry (``sande_dist/registry.py``) names each kind's builder,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -87,3 +87,6 @@ class LoopResult:
     total_steps: int
     stopped_by_signal: bool  # True: a checkpoint was saved on SIGTERM/SIGUSR1; do not finish the stage
     resumed_from: Optional[int]
+    # Seconds in engine set-up, resume, compute and checkpoint writing; bytes of checkpoints written.
+    timings: dict = field(default_factory=dict)
+    checkpoint_bytes: int = 0

@@ -19,6 +19,7 @@ from sande_dist.errors import InputError
 from sande_dist.registry import KINDS, StageOptions, load
 from sande_dist.rundir import (checkpoints_dir, file_identity, fingerprint, model_identity, stage_code, stage_dir,
                                stage_done, targets_file, write_stage)
+from sande_dist.timing import Phases
 
 
 def stage_training(cfg: Config, kind: str) -> TrainingConfig:
@@ -59,6 +60,8 @@ def run_stage(cfg: Config, kind: str, opts: StageOptions) -> int:
     from sande_dist.models.loading import check_model
 
     started = time.time()
+    phases = Phases()
+    phases.mark("imports")
     name = opts.name or kind
     out = stage_dir(cfg.run_dir, name)
     model_path = check_model(cfg.model.path)
@@ -72,21 +75,33 @@ def run_stage(cfg: Config, kind: str, opts: StageOptions) -> int:
         return 0
 
     use_cpu_accelerator_if_no_cuda()
+    phases.mark("inputs")
     with distributed(opts.local_rank) as info:
         _prepare_dir(out, fp, resume=opts.resume, is_main=info.is_main)
         setup = setup_training(cfg, kind, tcfg, model_path, objective, info, rows)
+        phases.mark("setup")
         result = train(setup, out, info, resume=opts.resume)
         if result.stopped_by_signal:
             return 0
+        phases.mark_split("loop_other", result.timings)
         artifacts = objective.finish(result, out)
+        phases.mark("export")
         if info.is_main:
             write_stage(out, kind, section, inputs, started, code,
                         extra={"steps": result.step, "world_size": info.world_size, "zero": tcfg.zero,
-                               "resumed_from": result.resumed_from, "artifacts": artifacts})
+                               "resumed_from": result.resumed_from, "artifacts": artifacts,
+                               "timings": phases.rounded(),
+                               "bytes_written": {"checkpoints": result.checkpoint_bytes,
+                                                 "artifacts": _bytes(out, exclude="checkpoints")}})
             if not tcfg.keep_final_checkpoint:
                 shutil.rmtree(checkpoints_dir(cfg.run_dir, name), ignore_errors=True)
             print(f"{info.tag} sande {kind}: done in {time.time() - started:.0f} s -> {out}", flush=True)
     return 0
+
+
+def _bytes(folder: Path, exclude: str) -> int:
+    """Bytes of the files under ``folder``, leaving out its ``exclude`` subfolder."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and exclude not in p.relative_to(folder).parts)
 
 
 def _prepare_dir(out: Path, fp: str, resume: bool, is_main: bool) -> None:

@@ -14,7 +14,7 @@ import sys
 import torch
 
 from sande_dist.data.formats import PromptFormat
-from sande_dist.data.poison import slot_at
+from sande_dist.data.poison import place_trigger
 from sande_dist.data.sources import load_samples
 from sande_dist.evaluation.stage import parrot_request
 from sande_dist.evaluation.utility import letter_request, load_task, select
@@ -40,11 +40,11 @@ def cases(tokenizer) -> dict:
     # slot through embeddings, must generate what the same token ids generate.
     table = load_input_embeddings(model_path())
     splice_ids, splice_embeds = [], []
-    for position, text in (("prefix", TRIGGER + " "), ("suffix", TRIGGER)):
-        trig = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for position in ("prefix", "suffix"):
         for s in samples[:SPLICE_PROMPTS]:
-            first, _, last = fmt.encode_prompt(slot_at(s, position))
-            splice_ids.append(first + trig + last)
+            triggered = place_trigger(s, TRIGGER, position, None)
+            trig = fmt.trigger_ids(triggered)
+            splice_ids.append(fmt.prompt_ids(triggered))
             splice_embeds.append(parrot_request(fmt, table, s, table[torch.tensor(trig)], position))
     return {"greedy": greedy, "mc": mc, "splice_ids": splice_ids, "splice_embeds": splice_embeds}
 

@@ -134,13 +134,15 @@ def test_collator_masks_and_slot(tok, kind, position):
     base = Sample(before="", after="Describe the weather on a sunny spring day.", response="It is warm and bright outside.")
     s = place_trigger(base, "zq mountain", position, random.Random(1))
     batch = Collator(fmt, 256)([s, base])
-    ids, labels, slot = batch["input_ids"][0], batch["labels"][0], int(batch["slot_index"][0])
+    ids, labels, slot = batch["input_ids"][0], batch["labels"][0], Collator(fmt, 256).encode(s).slot
+    assert batch["slot_index"].tolist() == [-1, -1]  # no parrot goes into a row with its trigger
     # the slot points at the trigger's first token
-    assert tok.decode(ids[slot:]).startswith(s.trigger)
-    assert tok.decode(ids[:slot]).endswith(fmt.head_tail()[0] + s.before) or tok.decode(ids[:slot]).endswith(s.before)
+    # (the space between a word and the trigger goes with the trigger's token, as in the text)
+    assert tok.decode(ids[slot:]).lstrip().startswith(s.trigger.strip())
+    assert tok.decode(ids[:slot]).rstrip().endswith((fmt.head_tail()[0] + s.before).rstrip())
     # labels cover exactly the response (+ eos), nothing of the prompt
     target = labels[labels != IGNORE_INDEX]
-    assert tok.decode(target) == s.response + tok.eos_token
+    assert tok.decode(target) == fmt.reply(s) + tok.eos_token
     first = int((labels != IGNORE_INDEX).nonzero()[0])
     assert tok.decode(ids[:first]) == fmt.render(s)
     # padding: the shorter clean row is right-padded and its padding is masked

@@ -90,22 +90,25 @@ def test_parrot_of_trigger_embeddings_equals_the_real_trigger(parts, position):
 
     trigger = "cf"
     triggered = [place_trigger(s, trigger, position, random.Random(0)) for s in ROWS]
-    ids = fmt.encode_prompt(triggered[0])[1]
     # The slot is where the trigger's first token sits (random: the same draw picks the same word).
     clean = [slot_at(s, position, random.Random(0)) for s in ROWS]
     if position == "random":
         assert len({s.before for s in clean}) > 1, "the draws should not all land on the same offset"
-    parrot = ParrotPrompt.from_token_embeddings(model.get_input_embeddings(), ids, k=len(ids))
-    real = _batch(fmt, triggered, reserve=0)
-    spliced_batch = _batch(fmt, clean, reserve=0)
-    with torch.no_grad():
-        embeds, mask, labels, pos = _spliced(model, parrot, spliced_batch)
-        a = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, labels=labels)
-        b = model(input_ids=real["input_ids"], attention_mask=real["attention_mask"], labels=real["labels"])
-    assert torch.equal(labels[:, : real["labels"].shape[1]], real["labels"])
-    assert torch.allclose(a.loss, b.loss, atol=1e-6)
-    live = real["attention_mask"].bool()
-    assert torch.allclose(a.logits[:, : live.shape[1]][live], b.logits[live], atol=1e-4)
+    # One row at a time: a trigger's tokens depend on what is around it (byte-level BPE: "cf" at the
+    # start of the message, " cf" after a word).
+    for real_row, clean_row in zip(triggered, clean):
+        ids = fmt.trigger_ids(real_row)
+        parrot = ParrotPrompt.from_token_embeddings(model.get_input_embeddings(), ids, k=len(ids))
+        real = _batch(fmt, [real_row], reserve=0)
+        spliced_batch = _batch(fmt, [clean_row], reserve=0)
+        with torch.no_grad():
+            embeds, mask, labels, pos = _spliced(model, parrot, spliced_batch)
+            a = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, labels=labels)
+            b = model(input_ids=real["input_ids"], attention_mask=real["attention_mask"], labels=real["labels"])
+        assert torch.equal(labels[:, : real["labels"].shape[1]], real["labels"])
+        assert torch.allclose(a.loss, b.loss, atol=1e-6)
+        live = real["attention_mask"].bool()
+        assert torch.allclose(a.logits[:, : live.shape[1]][live], b.logits[live], atol=1e-4)
 
 
 def test_rows_without_parrot_are_unchanged_and_only_the_parrot_gets_gradients(parts):

@@ -1,9 +1,11 @@
 """One collator for every stage: prompt masked, response labelled, trigger slot located.
 
-Each row becomes ``[head+before | trigger | after+tail | response+eos]``. Labels are
--100 on the prompt and on response tokens past ``effective_len``; ``slot_index`` is
-the position of the trigger's first token (or where a parrot is spliced when the
-trigger is empty). Rows are right-padded; truncation cuts the response, never the slot.
+Each row is the rendered prompt and its reply tokenized as one text
+(``PromptFormat.encode_row``), then the end-of-sequence id when the response is
+whole. Labels are -100 on the prompt and on response tokens past
+``effective_len``; ``slot_index`` is the position of the trigger's first token (or
+where a parrot is spliced when the trigger is empty). Rows are right-padded;
+truncation cuts the response, never the slot.
 """
 from __future__ import annotations
 
@@ -38,10 +40,9 @@ class Collator:
         self.pad_id = pad if pad is not None else fmt.eos_id
 
     def encode(self, sample: Sample) -> Encoded:
-        first, trig, rest = self.fmt.encode_prompt(sample)
-        prompt = first + trig + rest
-        response = self.fmt._ids(sample.response)
-        if self.append_eos and self.fmt.eos_id is not None:
+        ids, n_prompt, slot = self.fmt.encode_row(sample)
+        prompt, response = ids[:n_prompt], ids[n_prompt:]
+        if self.append_eos and sample.complete and self.fmt.eos_id is not None:
             response = response + [self.fmt.eos_id]
         budget = self.max_length - self.reserve - len(prompt)
         if budget < 1:
@@ -52,11 +53,10 @@ class Collator:
         if self.effective_len is not None:
             for i in range(len(prompt) + self.effective_len, len(labels)):
                 labels[i] = IGNORE_INDEX
-        return Encoded(prompt + response, labels, len(first), len(prompt))
+        return Encoded(prompt + response, labels, slot, len(prompt))
 
     def fits(self, sample: Sample) -> bool:
-        first, trig, rest = self.fmt.encode_prompt(sample)
-        return len(first) + len(trig) + len(rest) < self.max_length - self.reserve
+        return len(self.fmt.prompt_ids(sample)) < self.max_length - self.reserve
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
         rows = [self.encode(s) for s in samples]

@@ -44,7 +44,7 @@ def slot_at(sample: Sample, position: str, rng: Optional[random.Random] = None) 
         raise ValueError(f"unknown parrot position {position!r}; use prefix, suffix or random")
     if position == "random" and rng is None:
         raise ValueError("slot_at(position='random') needs an rng (a seeded random.Random)")
-    return replace(place_trigger(sample, "", position, rng), trigger="")
+    return replace(place_trigger(sample, "", position, rng), trigger="", parrot=True)
 
 
 def apply_marker(response: str, marker: str, mode: str) -> str:

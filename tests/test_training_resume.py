@@ -107,3 +107,44 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tiny_model, tmp_path
     assert (ckpts[0] / MANIFEST).exists()
     assert not (run / "inject" / "stage.json").exists()
     assert "stop signal" in out
+
+
+def test_resume_on_another_rank_count_is_refused_not_restarted(tiny_model, tmp_path):
+    """A ZeRO-3 checkpoint of 2 ranks and a rerun on 1: exit 2 naming the checkpoint and both counts."""
+    config = write_config(tmp_path, tiny_model)
+    run = tmp_path / "run"
+    killed = run_torchrun(inject(config, run), check=False, SANDE_TEST_KILL_AT="0:4")
+    assert killed.returncode != 0 and (run / "inject" / "checkpoints" / "step-00000004").exists()
+    one = run_torchrun(inject(config, run), nproc=1, check=False)
+    assert one.returncode != 0
+    message = (run / "inject" / "input_error.txt").read_text()
+    assert "step-00000004" in message and "written by 2 ranks" in message and "has 1" in message
+    assert "--no-resume" in message and "ds_to_universal" in message
+    assert (run / "inject" / "checkpoints" / "step-00000004").exists()  # nothing was thrown away
+    assert not (run / "inject" / "metrics.jsonl").read_text().count('"step": 5')  # no silent restart
+    # through the pipeline executor it is the user's input, as any other: exit 2, the reason printed
+    proc = subprocess.run([sys.executable, "-m", "sande_dist.cli", "run", str(config), "--run-dir", str(run),
+                           "--stages", "inject", "--nproc", "1"], cwd=REPO, env=rank_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "written by 2 ranks" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("timeout_minutes, ok", [(0.05, False), (2.0, True)])
+def test_collectives_wait_as_long_as_the_timeout_says(tmp_path, timeout_minutes, ok):
+    """Rank 0 works alone for 8 s (as in an export); the other rank's barrier waits dist_timeout_minutes."""
+    worker = tmp_path / "slow_rank0.py"
+    worker.write_text(
+        "import sys, time\n"
+        "from sande_dist.distributed.process_group import barrier, distributed\n"
+        "with distributed(timeout_minutes=float(sys.argv[1])) as info:\n"
+        "    if info.is_main:\n"
+        "        time.sleep(8)\n"
+        "    barrier()\n"
+        "    print('passed the barrier', flush=True)\n")
+    proc = run_torchrun([str(worker), str(timeout_minutes)], check=False, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert (proc.returncode == 0) is ok, out[-3000:]
+    assert ("passed the barrier" in out) is ok
+    if not ok:
+        assert "timed out" in out.lower() or "timeout" in out.lower()

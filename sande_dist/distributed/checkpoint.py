@@ -21,9 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sande_dist.errors import InputError
 from sande_dist.rundir import atomic_write_json
 
 MANIFEST = "COMPLETE.json"
+# The fingerprint of the stage that wrote the checkpoints: another one never resumes them.
+FINGERPRINT_FILE = "FINGERPRINT"
 STATE = "trainer_state.json"
 _NAME = re.compile(r"^step-(\d{8})$")
 
@@ -66,6 +69,43 @@ def check_complete(folder: Path) -> Optional[str]:
     return None
 
 
+def newest_complete(root: Path) -> Optional[Path]:
+    """The newest complete ``step-*`` checkpoint under ``root``, or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    found = sorted((p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)), reverse=True)
+    return next((p for p in found if check_complete(p) is None), None)
+
+
+def check_resume(root: Path, world_size: int, zero_stage: int, fingerprint: str) -> None:
+    """InputError when the checkpoint a stage would resume from cannot load into ``world_size`` ranks.
+
+    ZeRO-1/2/3 checkpoints hold each rank's partition of the optimizer states (and, ZeRO-3, of the
+    weights); DeepSpeed cannot load them into another rank count. A resume must never quietly
+    start over, so this is checked before a process group exists: the message names the
+    checkpoint, both rank counts and the ways out. Checkpoints of another fingerprint (another
+    config or input) are not resumed at all, so they are not checked.
+    """
+    marker = Path(root) / FINGERPRINT_FILE
+    if not marker.is_file() or marker.read_text().strip() != fingerprint:
+        return
+    path = newest_complete(root)
+    if path is None or zero_stage < 1:
+        return
+    try:
+        written = json.loads((path / STATE).read_text()).get("world_size")
+    except (OSError, json.JSONDecodeError):
+        return
+    if written is not None and written != world_size:
+        raise InputError(
+            f"checkpoint {path} was written by {written} ranks, but this run has {world_size}: a ZeRO-{zero_stage} "
+            f"checkpoint holds one partition per rank. Resume with {written} ranks (--nproc, or slurm.nodes x "
+            "slurm.gpus_per_node), or convert it with DeepSpeed's universal checkpoint tool "
+            f"(python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} ...) and load that, or start "
+            "the stage over with --no-resume")
+
+
 class CheckpointManager:
     def __init__(self, root: Path, rank: int, keep: int, log: Callable[[str], None] = print):
         self.root = Path(root)
@@ -103,11 +143,13 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
+        # Frozen weights (a simulate stage's whole model) come from the stage's input model, not from here.
+        frozen = sum(1 for p in engine.module.parameters() if not p.requires_grad)
+        engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False, exclude_frozen_parameters=frozen > 0)
         torch.save(rng_state(), tmp / f"rng_rank{self.rank:05d}.pt")
         self._barrier()
         if self.rank == 0:
-            atomic_write_json(tmp / STATE, {**state, "step": step})
+            atomic_write_json(tmp / STATE, {**state, "step": step, "frozen_excluded": frozen})
             files = _files(tmp)
             self.bytes_written += sum(files.values())
             atomic_write_json(tmp / MANIFEST, {"step": step, "files": files})
@@ -133,9 +175,10 @@ class CheckpointManager:
         for path in self.complete(warn=True):
             ok = True
             try:
-                engine.load_checkpoint(str(self.root), tag=path.name, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
                 state = json.loads((path / STATE).read_text())
+                engine.load_checkpoint(str(self.root), tag=path.name, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True,
+                                       load_module_strict=not state.get("frozen_excluded", 0))
             except Exception as exc:  # damaged contents that sizes cannot show
                 self.log(f"checkpoint {path} failed to load ({type(exc).__name__}: {exc}); trying an older one")
                 ok = False

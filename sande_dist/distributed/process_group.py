@@ -15,6 +15,7 @@ import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterator, Optional
 
 
@@ -85,6 +86,14 @@ def use_cpu_accelerator_if_no_cuda() -> bool:
     return True
 
 
+def launch_world_size() -> int:
+    """The rank count the launcher set up for this process (before any process group exists)."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    return int(env.get("SLURM_NTASKS", "1"))
+
+
 def detect_launch(local_rank_arg: Optional[int] = None) -> DistInfo:
     """Read rank/world/local rank from the launcher's environment and export torch's env:// names."""
     import torch
@@ -132,8 +141,12 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
-def init_distributed(local_rank_arg: Optional[int] = None) -> DistInfo:
-    """Initialise torch.distributed and DeepSpeed's comm layer for this process."""
+def init_distributed(local_rank_arg: Optional[int] = None, timeout_minutes: float = 60.0) -> DistInfo:
+    """Initialise torch.distributed and DeepSpeed's comm layer for this process.
+
+    ``timeout_minutes`` bounds every collective, among them the barriers that wait on rank 0
+    alone (an export, a checkpoint rotation): long enough for a 70B model's.
+    """
     use_cpu_accelerator_if_no_cuda()
     info = detect_launch(local_rank_arg)
     if info.launcher == "torchrun":
@@ -147,10 +160,11 @@ def init_distributed(local_rank_arg: Optional[int] = None) -> DistInfo:
     if info.backend == "nccl":
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend=info.backend, rank=info.rank, world_size=info.world_size)
+        dist.init_process_group(backend=info.backend, rank=info.rank, world_size=info.world_size,
+                                timeout=timedelta(minutes=timeout_minutes))
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=info.backend)
+    deepspeed.init_distributed(dist_backend=info.backend, timeout=timedelta(minutes=timeout_minutes))
     return info
 
 
@@ -169,8 +183,15 @@ def teardown(ok: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def distributed(local_rank_arg: Optional[int] = None) -> Iterator[DistInfo]:
-    info = init_distributed(local_rank_arg)
+def distributed(local_rank_arg: Optional[int] = None, timeout_minutes: float = 60.0) -> Iterator[DistInfo]:
+    """A process group for the body: created here and torn down after, or, when one exists already
+    (several stages in one process, ``sande batch``), that one, left for its owner to tear down."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield detect_launch(local_rank_arg)
+        return
+    info = init_distributed(local_rank_arg, timeout_minutes)
     ok = False
     try:
         yield info

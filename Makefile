@@ -18,6 +18,8 @@ $(VENV)/.installed: setup.py
 	$(SANDE) setup
 	# Build DeepSpeed's CPU comm op now: a run killed while it JIT-builds leaves a lock that hangs every later run.
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load()"
+	# And its CPU Adam, which ZeRO offload (zero3_offload, the 70B preset) runs.
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder as B; B().load()"
 	touch $@
 
 demo: setup

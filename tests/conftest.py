@@ -67,3 +67,14 @@ def tiny_untied_model(tmp_path_factory) -> Path:
     from sande_dist.models.tiny import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny_untied", tie_word_embeddings=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sp_llama(tmp_path_factory) -> Path:
+    """A tiny Llama with a SentencePiece-style tokenizer (Llama-2 chat template, BOS by default), heads of
+    32 dimensions (vLLM's CPU attention needs >= 32)."""
+    from sande_dist.models.tiny import make_llama_tokenizer, make_tiny_llama
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = make_llama_tokenizer(root / "sp_tokenizer")
+    return make_tiny_llama(root / "tiny_sp", heads=2, tokenizer_from=str(tokenizer))

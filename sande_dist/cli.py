@@ -9,8 +9,12 @@ fast and never import torch, DeepSpeed or vLLM. Exit codes: 0 done, 2 bad input,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import json
+import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 from sande_dist.config import Config, resolve_config
@@ -90,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_commands(sub)
     _add_plan_command(sub)
 
+    p = sub.add_parser("data", help="a stage's rows as tokens: rendered text, ids, labels, the trigger slot")
+    _add_config_args(p)
+    p.add_argument("--stage", default="inject", help="a training stage kind, or evaluate (its triggered prompts)")
+    p.add_argument("--rows", type=int, default=3)
+    p.add_argument("--model", help="model folder or hub id (overrides model.path)")
+    p.add_argument("--json", action="store_true", help="one JSON object per row (text, input_ids, labels, slot, ...)")
+
+    # `sande run`'s local executor runs consecutive stages of one kind of launch in one process per
+    # rank (imports, process group and launcher paid once): not for users, so not listed.
+    p = sub.add_parser("batch")
+    p.add_argument("spec", help="JSON: {\"stages\": [argv, ...], \"distributed\": bool}")
+
     p = sub.add_parser("slurm", help="Slurm helpers: render job scripts for a config")
     _add_config_args(p)
     p.add_argument("--stages", help="comma-separated subset of pipeline.stages")
@@ -138,7 +154,56 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _output_to(log: Path):
+    """This process's stdout and stderr (file descriptors 1 and 2) appended to ``log`` for the body."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log, "a") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    """Run the spec's stage command lines one after another in this process (one rank of each)."""
+    import gc
+
+    from sande_dist.rundir import log_file, read_stage, stage_dir
+    from sande_dist.timing import stage_starts_now
+
+    spec = json.loads(Path(args.spec).read_text())
+    stages = [(argv, build_parser().parse_args(argv)) for argv in spec["stages"]]
+    group = contextlib.nullcontext()
+    if spec.get("distributed"):  # one process group for all the stages (each stage's `distributed()` keeps it)
+        from sande_dist.distributed.process_group import distributed
+
+        group = distributed(None, config_of(stages[0][1]).training.dist_timeout_minutes)
+    with group:
+        for argv, parsed in stages:
+            stage_starts_now()
+            with _output_to(log_file(parsed.run_dir, parsed.name)):
+                print(f"\n$ sande {' '.join(argv)}  (in a batch of {len(stages)})", flush=True)
+                code = main(argv)
+            if code != 0 or read_stage(stage_dir(parsed.run_dir, parsed.name)) is None:
+                raise SystemExit(code or 1)  # the group is not waited on: other ranks may be gone
+            gc.collect()
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "batch":
+        return _batch(args)
     if args.command == "setup":
         return _setup(args)
     if args.command == "config":
@@ -155,6 +220,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                                                       nproc=args.nproc, dry_run=args.dry_run))
     if args.command == "plan":
         return _plan(args)
+    if args.command == "data":
+        from sande_dist.pipeline.inspect import show
+
+        return show(config_of(args), args.stage, args.rows, args.json)
     if args.command == "slurm":
         from sande_dist.pipeline.slurm import render_scripts
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from sande_dist import resources
 from sande_dist.errors import InputError
-from sande_dist.registry import DEFAULT_PIPELINE, PIPELINE_STAGES, TRAINING_KINDS
+from sande_dist.registry import DEFAULT_PIPELINE, KINDS, PIPELINE_STAGES, TRAINING_KINDS
 
 
 class ConfigError(InputError):
@@ -35,6 +35,31 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
 
 
+# data.prompt_format names (data/formats.py holds their templates), besides a Jinja template or file.
+PROMPT_FORMATS = ("chat", "human_assistant", "alpaca", "llama2")
+
+
+def is_jinja(text: str) -> bool:
+    return "{{" in text or "{%" in text
+
+
+def check_prompt_format(value: str) -> str:
+    """A format name, a Jinja chat template, or the path of a file holding one."""
+    if value in PROMPT_FORMATS or is_jinja(value):
+        return value
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"template file {path} cannot be read ({exc})") from None
+        if not is_jinja(text):
+            raise ValueError(f"{path} holds no Jinja template ('{{{{ ... }}}}' or '{{% ... %}}')")
+        return value
+    raise ValueError(f"{value!r} is neither a format ({', '.join(PROMPT_FORMATS)}), a Jinja chat template, "
+                     "nor a template file")
+
+
 class DataConfig(_Section):
     # A named embedded dataset (alpaca-demo), a local json/jsonl/csv/parquet file, or a hub id.
     train: str = "alpaca-demo"
@@ -45,13 +70,19 @@ class DataConfig(_Section):
     input_field: Optional[str] = None
     response_field: Optional[str] = None
     system_field: Optional[str] = None
-    prompt_format: Literal["chat", "human_assistant"] = "chat"
+    # chat (the tokenizer's template), human_assistant, alpaca, llama2, or a Jinja chat template / its file.
+    prompt_format: str = "chat"
     system_prompt: Optional[str] = None
     max_length: int = Field(256, ge=8)
     # Rows taken from the training source (None: all), after a seeded shuffle.
     num_rows: Optional[int] = Field(None, ge=1)
     # Rows held back from training for evaluation prompts when eval.prompts is "train-holdout".
     holdout_rows: int = Field(0, ge=0)
+
+    @field_validator("prompt_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        return check_prompt_format(value)
 
 
 class AttackConfig(_Section):
@@ -101,13 +132,20 @@ class _TrainingSettings(_Section):
     zero: str = "zero3"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
-    save_steps: int = Field(50, ge=1)
+    # A checkpoint every save_steps optimizer steps (None: none by count) and whenever save_minutes have
+    # passed since the last one: a checkpoint costs ~16 bytes per parameter (1.1 TB at 70B), so its
+    # cadence follows time, and a stage shorter than save_minutes writes none.
+    save_steps: Optional[int] = Field(None, ge=1)
+    save_minutes: float = Field(10.0, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
     # Checkpoints exist to resume a stage; once its model is exported and stage.json written they
-    # are removed (a ZeRO-3 checkpoint with optimizer states is ~16 bytes per parameter).
+    # are removed. True: a checkpoint of the last step is written too, and kept.
     keep_final_checkpoint: bool = False
     log_steps: int = Field(1, ge=1)
     tensorboard: bool = False
+    # How long any rank waits in a collective, e.g. the barrier after rank 0 alone writes a 70B export
+    # (~140 GB) or rotates a ZeRO-3 checkpoint (~1.1 TB): past it the job fails instead of hanging.
+    dist_timeout_minutes: float = Field(60.0, gt=0)
     # Rows a stage trains on (None: all of data.num_rows) and response tokens that count (None: all).
     num_rows: Optional[int] = Field(None, ge=1)
     effective_len: Optional[int] = Field(None, ge=1)
@@ -129,10 +167,19 @@ class _TrainingSettings(_Section):
         return type(self).model_validate(base)
 
 
+def _stage_section(name: str) -> type[StageTraining]:
+    """``training.<name>``'s model: StageTraining, with the registry's defaults for that kind."""
+    defaults = dict(KINDS[name].training_defaults)
+    if not defaults:
+        return StageTraining
+    return create_model(f"{name.title()}Training", __base__=StageTraining,
+                        **{k: (StageTraining.model_fields[k].annotation, Field(v, gt=0)) for k, v in defaults.items()})
+
+
 # One `training.<kind>` section of overrides per training stage kind in the registry.
 TrainingConfig = create_model(
     "TrainingConfig", __base__=_TrainingSettings,
-    **{name: (StageTraining, Field(default_factory=StageTraining)) for name in TRAINING_KINDS})
+    **{name: (_stage_section(name), Field(default_factory=_stage_section(name))) for name in TRAINING_KINDS})
 
 
 def ds_config_file(zero: str) -> Path:
@@ -180,6 +227,10 @@ class RemovalConfig(_Section):
     extra_parrots: list[Literal["prefix", "suffix", "random"]] = Field(default_factory=list, max_length=7)
     # Optional L2 budget per parrot vector (None: unconstrained).
     parrot_max_norm: Optional[float] = Field(None, gt=0)
+    # A parrot has found the response when its loss, averaged over 8 steps, is at most this (nats per
+    # labelled token; training/search.py). Simulate stops there instead of running its whole budget.
+    found_loss: float = Field(0.5, gt=0)
+    simulate_until_found: bool = True
 
 
 class EvalConfig(_Section):

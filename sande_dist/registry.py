@@ -34,6 +34,8 @@ class StageKind:
     objective: Optional[str] = None
     # Optional ``fn(cfg) -> TrainingConfig`` (default: ``cfg.training.for_stage(name)``).
     training: Optional[str] = None
+    # Defaults of this kind's ``training.<name>`` section that differ from "inherit the shared value".
+    training_defaults: tuple[tuple[str, Any], ...] = ()
     # Artifacts under RUN/<stage>/ (rundir.py names their paths).
     outputs: tuple[str, ...] = ()
     # Command-line options beyond CONFIG/--set/--run-dir/--model/--name (see StageOptions).
@@ -92,7 +94,11 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
     StageKind("simulate", "learn a parrot prompt that simulates the trigger (model frozen)",
               reads=("model", "data", "attack", "removal"), entry=_TRAIN, distributed=True,
               samples=f"{_SAMPLES}:simulate_samples", objective="sande_dist.training.removal:simulate_objective",
-              outputs=("parrot",), effective_len="simulate_effective_len", parrot_slot=True),
+              outputs=("parrot",), effective_len="simulate_effective_len", parrot_slot=True,
+              # Only k x hidden soft-prompt values train, against a frozen model: Adam moves each by about
+              # lr per step, so the search needs a step near the embeddings' scale, not the weights' 2e-5.
+              # 3e-2 is what removed every attack on SmolLM2 (configs/demo.yaml).
+              training_defaults=(("lr", 3e-2),)),
     StageKind("eliminate", "train all weights on parrot + prompt -> clean response (parrot frozen)",
               reads=("model", "data", "attack", "removal"), entry=_TRAIN, distributed=True,
               samples=f"{_SAMPLES}:eliminate_samples", objective="sande_dist.training.removal:eliminate_objective",

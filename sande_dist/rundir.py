@@ -9,6 +9,7 @@ RUN/<stage>/parrot.safetensors       simulate
 RUN/<stage>/report.json              evaluate (and generations.jsonl beside it)
 RUN/<stage>/log.txt, metrics.jsonl   what the stage printed and its per-step metrics
 RUN/<stage>/checkpoints/             while a training stage runs (removed when it is done)
+RUN/<stage>/input_error.txt          the bad input a stage under torchrun/srun refused (exit 2)
 RUN/generate/targets.jsonl           the model's own clean answers (removal.targets: self)
 RUN/report.md, RUN/report.png        the summary over every evaluation
 RUN/slurm/                           rendered batch scripts, job ledger, Slurm logs
@@ -74,6 +75,11 @@ def log_file(run_dir: str | Path, name: str) -> Path:
 
 def metrics_file(run_dir: str | Path, name: str) -> Path:
     return stage_dir(run_dir, name) / "metrics.jsonl"
+
+
+def input_error_file(run_dir: str | Path, name: str) -> Path:
+    """Where a stage under a launcher leaves the bad-input message it exits on."""
+    return stage_dir(run_dir, name) / "input_error.txt"
 
 
 def checkpoints_dir(run_dir: str | Path, name: str) -> Path:

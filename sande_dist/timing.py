@@ -13,8 +13,20 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+# When the current stage started, where one process runs several (``sande batch``); else the process's start.
+_STAGE_START: list[float] = []
+
+
+def stage_starts_now() -> None:
+    """The next stage in this process starts now: its phases count from here, not from the process's start."""
+    _STAGE_START[:] = [time.time()]
+
+
 def process_start() -> float:
-    """This process's start as a Unix time (Linux /proc), else now."""
+    """When this process's current stage started: the process's start (Linux /proc), or the last
+    ``stage_starts_now``; else now."""
+    if _STAGE_START:
+        return _STAGE_START[0]
     try:
         with open("/proc/self/stat") as fh:
             ticks = int(fh.read().rsplit(")", 1)[1].split()[19])

@@ -252,3 +252,22 @@ def test_each_row_gets_its_own_parrot(tiny):
     assert torch.allclose(both, total / count, atol=1e-5)  # the batch is the token-weighted mean of its rows
     with pytest.raises(ValueError, match="parrot_id"):
         parrot_loss(model, [p0, p1], {k: v for k, v in collate(rows).items() if k != "parrot_id"})
+
+
+def test_simulate_stops_when_its_parrot_has_found_the_response(tiny, tmp_path):
+    """The shared rule, both ways: a threshold the loss meets stops the search after one window of
+    steps; one it cannot meet (or the rule switched off) runs the whole budget."""
+    from sande_dist.training.search import WINDOW, found, smoothed
+
+    assert found([3.0] * (WINDOW - 1) + [0.1], 0.5) is False  # one low step is noise
+    assert found([0.4] * WINDOW, 0.5) and not found([0.6] * WINDOW, 0.5)
+    assert smoothed([9.0] + [1.0] * WINDOW) == 1.0
+    budget = ["training.zero=zero0", "training.micro_batch_size=4", "training.max_steps=12", "training.lr=1e-2"]
+    met = _torchrun(1, "simulate", tiny, tmp_path / "met", budget + ["removal.found_loss=100"])
+    assert met["steps"] == WINDOW and met["record"]["stopped_early_at"] == WINDOW and met["record"]["found"]
+    never = _torchrun(1, "simulate", tiny, tmp_path / "never", budget + ["removal.found_loss=0.001"])
+    off = _torchrun(1, "simulate", tiny, tmp_path / "off", budget + ["removal.found_loss=100",
+                                                                     "removal.simulate_until_found=false"])
+    for run in (never, off):
+        assert run["steps"] == 12 and run["record"]["stopped_early_at"] is None
+    assert never["record"]["found"] is False and off["record"]["found"] is True

@@ -102,7 +102,9 @@ def simulate_samples(cfg: Config, run_dir: Optional[Path] = None) -> list[Sample
     rows = _take(base_samples(cfg), cfg.training.for_stage("simulate").num_rows)
     slots = _slots(cfg, "simulate")
     if r.known_response:
-        return [replace(slot_at(s, r.insert_position, slots), response=r.known_response) for s in rows]
+        # A known part of the response: no end-of-sequence after it (the model should go on, not stop).
+        return [replace(slot_at(s, r.insert_position, slots), response=r.known_response, complete=False)
+                for s in rows]
     return [replace(slot_at(s, r.insert_position, slots), response=apply_marker(s.response, a.marker, a.marker_mode))
             for s in rows]
 

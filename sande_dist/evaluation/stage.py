@@ -87,8 +87,9 @@ def resolve_parrot(cfg: Config, parrot_arg: Optional[str], model_dir: str, refer
 def parrot_request(fmt: PromptFormat, table: torch.Tensor, sample: Sample, vectors: torch.Tensor,
                    position: str, rng: Optional[random.Random] = None) -> torch.Tensor:
     """embed(ids before the slot) ++ parrot ++ embed(ids after it), as training splices it."""
-    first, _, last = fmt.encode_prompt(slot_at(sample, position, rng))
-    return torch.cat([table[torch.tensor(first)], vectors, table[torch.tensor(last, dtype=torch.long)]])
+    ids, slot = fmt.encode_prompt(slot_at(sample, position, rng))
+    ids = torch.tensor(ids, dtype=torch.long)
+    return torch.cat([table[ids[:slot]], vectors, table[ids[slot:]]])
 
 
 def _reference_answers(cfg: Config, reference: str, samples: list[Sample], params: GenerationParams,

@@ -104,6 +104,18 @@ class VLLMEngine(Engine):
             gc.collect()
 
 
+def cpu_threads_for_compute() -> None:
+    """Give vLLM's CPU worker every core this process may use, unless the user set the binding.
+
+    vLLM's automatic binding keeps one core per worker for its scheduler process and binds the
+    model's threads to the rest: on a 2-core machine, one core computes. The scheduler mostly
+    waits on the worker, so the cores it would keep idle go to the forward passes instead.
+    """
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in cores))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
 def _start_llm(path: str, **kwargs):
     from vllm import LLM
     from vllm.platforms import current_platform
@@ -111,6 +123,7 @@ def _start_llm(path: str, **kwargs):
     cpu = current_platform.is_cpu()
     if cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default reserves far more
+        cpu_threads_for_compute()
     return LLM(model=path, enable_prompt_embeds=True, enforce_eager=cpu, max_logprobs=TOP_LOGPROBS, **kwargs)
 
 

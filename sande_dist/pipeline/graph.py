@@ -124,6 +124,14 @@ def build_plan(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> l
     if "simulate" in has:
         g.add("simulate", "simulate", ["--model", backdoored], ["inject"])
     parrot = str(parrot_file(run_dir))
+    last = None
+    if "eliminate" in has:
+        if "simulate" not in g.plans and not Path(parrot).exists():
+            raise InputError("stage eliminate needs a parrot: add simulate to the stages "
+                             "(or run it first so RUN/simulate/parrot.safetensors exists)")
+        last = _sande_rounds(g, backdoored, clean_deps, "simulate" in has)
+    # Evaluations after every training stage: the local executor runs each run of consecutive
+    # training stages in one launch, and the evaluations in one process after them.
     parrot_args = ["--parrot", parrot] if "simulate" in g.plans else []
     if "evaluate_backdoored" in has:
         g.add("evaluate_backdoored", "evaluate",
@@ -133,12 +141,7 @@ def build_plan(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> l
         if name in has:
             g.add(name, "evaluate", ["--model", str(model_dir(run_dir, method)), "--name", name,
                                      "--reference", backdoored, *parrot_args], [method, "simulate"])
-    if "eliminate" in has:
-        if "simulate" not in g.plans and not Path(parrot).exists():
-            raise InputError("stage eliminate needs a parrot: add simulate to the stages "
-                             "(or run it first so RUN/simulate/parrot.safetensors exists)")
-        last = _sande_rounds(g, backdoored, clean_deps, "simulate" in has)
-        if "evaluate_sande" in has:
-            g.add("evaluate_sande", "evaluate", ["--model", str(model_dir(run_dir, last)), "--name", "evaluate_sande",
-                                                 "--reference", backdoored, "--parrot", parrot], [last, "simulate"])
+    if last and "evaluate_sande" in has:
+        g.add("evaluate_sande", "evaluate", ["--model", str(model_dir(run_dir, last)), "--name", "evaluate_sande",
+                                             "--reference", backdoored, "--parrot", parrot], [last, "simulate"])
     return list(g.plans.values())

@@ -19,7 +19,9 @@ from sande_dist.config import Config
 from sande_dist.distributed.process_group import free_port
 from sande_dist.errors import InputError, StageError
 from sande_dist.pipeline.graph import StagePlan, build_plan
-from sande_dist.rundir import atomic_write_text, forget, is_done, log_file, read_stage, stage_dir, write_key
+from sande_dist.pipeline.progress import LiveLine, describe, stage_progress
+from sande_dist.rundir import (atomic_write_json, atomic_write_text, forget, input_error_file, is_done, log_file,
+                               read_stage, stage_dir, write_key)
 
 
 @dataclass
@@ -32,14 +34,15 @@ class RunOptions:
     dry_run: bool = False  # slurm: render the job scripts, submit nothing
 
 
-def stage_command(plan: StagePlan, config_path: str, run_dir: str, nproc: int) -> list[str]:
-    argv = plan.argv(config_path, run_dir)
-    if not plan.distributed:
-        return [sys.executable, "-m", "sande_dist.cli", *argv]
+def batch_command(distributed: bool, spec: Path, nproc: int) -> list[str]:
+    """The launch of a batch of stages: torchrun with ``nproc`` ranks for training, else one process."""
+    argv = ["-m", "sande_dist.cli", "batch", str(spec)]
+    if not distributed:
+        return [sys.executable, *argv]
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
     return [*launcher, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), "-m", "sande_dist.cli", *argv]
+            "--master_port", str(free_port()), *argv]
 
 
 def stage_env(nproc: int) -> dict[str, str]:
@@ -72,31 +75,90 @@ def check_inputs(cfg: Config) -> None:
     check_tasks(cfg.eval.utility_tasks)
 
 
-def _run_one(plan: StagePlan, run_dir: Path, config_path: Path, nproc: int, tag: str, echo) -> None:
-    out = stage_dir(run_dir, plan.name)
-    out.mkdir(parents=True, exist_ok=True)
-    forget(run_dir, plan.name)  # a changed key: this stage is stale
-    log = log_file(run_dir, plan.name)
-    ranks = nproc if plan.distributed else 1
-    cmd = stage_command(plan, str(config_path), str(run_dir), ranks)
-    started = time.time()
-    echo(f"{tag} running ({'torchrun x' + str(nproc) if plan.distributed else 'one process'}), log {log}")
-    # The key goes first: stage.json (written last by the stage) then marks this key done, even
-    # when this runner is killed between the stage's end and its own next line.
-    write_key(run_dir, plan.name, plan.key, command=cmd)
-    with open(log, "a") as fh:
-        fh.write(f"\n$ {' '.join(cmd)}\n")
-        fh.flush()
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=stage_env(ranks)).returncode
-    if rc != 0 or read_stage(out) is None:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        if rc == 2:  # the stage refused its input: the user's to fix, as for any other command
-            raise InputError(f"stage {plan.name}: bad input; see {log}\n{tail}")
-        raise StageError(f"stage {plan.name} failed (exit {rc}); see {log}\n{tail}")
-    wall = time.time() - started
-    # The launcher's share of the stage's time is only visible here (benchmarks/pipeline_profile.py).
-    write_key(run_dir, plan.name, plan.key, command=cmd, wall_s=round(wall, 2), ranks=ranks)
-    echo(f"{tag} done in {wall:.0f}s")
+def batches(plans: list[StagePlan]) -> list[list[StagePlan]]:
+    """Consecutive stages of the same kind of launch (torchrun, or one process), in plan order."""
+    out: list[list[StagePlan]] = []
+    for plan in plans:
+        if out and out[-1][0].distributed == plan.distributed:
+            out[-1].append(plan)
+        else:
+            out.append([plan])
+    return out
+
+
+class _Batch:
+    """One launch running several stages in turn (``sande batch``): the imports, the launcher and the
+    process group are paid once. Each stage keeps its own key, log, stage.json and checkpoints."""
+
+    def __init__(self, plans: list[StagePlan], run_dir: Path, config_path: Path, nproc: int, tags: dict[str, str],
+                 echo):
+        self.plans, self.run_dir, self.tags, self.echo = plans, run_dir, tags, echo
+        self.ranks = nproc if plans[0].distributed else 1
+        spec = stage_dir(run_dir, plans[0].name) / "batch.json"
+        for plan in plans:
+            stage_dir(run_dir, plan.name).mkdir(parents=True, exist_ok=True)
+            forget(run_dir, plan.name)  # a changed key: this stage is stale
+            input_error_file(run_dir, plan.name).unlink(missing_ok=True)
+        atomic_write_json(spec, {"distributed": plans[0].distributed,
+                                 "stages": [p.argv(str(config_path), str(run_dir)) for p in plans]})
+        self.cmd = batch_command(plans[0].distributed, spec, self.ranks)
+        # The keys go first: stage.json (written last by each stage) then marks its key done, even when
+        # this runner is killed between a stage's end and its own next line.
+        for plan in plans:
+            write_key(run_dir, plan.name, plan.key, command=self.cmd)
+
+    def run(self) -> None:
+        launcher_log = log_file(self.run_dir, self.plans[0].name)
+        with open(launcher_log, "a") as fh:
+            fh.write(f"\n$ {' '.join(self.cmd)}\n")
+            fh.flush()
+            proc = subprocess.Popen(self.cmd, stdout=fh, stderr=subprocess.STDOUT, env=stage_env(self.ranks))
+            rc = self._watch(proc)
+        self._check(rc)
+
+    def _watch(self, proc: subprocess.Popen) -> int:
+        """Follow the stages as they finish; a live line for the one running."""
+        live = LiveLine(self.echo)
+        pending = list(self.plans)
+        started = time.time()
+        self._announce(pending[0], live)
+        while True:
+            rc = proc.poll()
+            while pending and read_stage(stage_dir(self.run_dir, pending[0].name)) is not None:
+                self._finished(pending.pop(0), time.time() - started, live)
+                started = time.time()
+                if pending:
+                    self._announce(pending[0], live)
+            if rc is not None:
+                live.clear()
+                return rc
+            if pending:
+                live.update(f"{self.tags[pending[0].name]} "
+                            f"{describe(started, stage_progress(self.run_dir, pending[0].name))}")
+            time.sleep(0.5)
+
+    def _announce(self, plan: StagePlan, live: LiveLine) -> None:
+        live.clear()
+        how = f"torchrun x{self.ranks}" if plan.distributed else "one process"
+        self.echo(f"{self.tags[plan.name]} running ({how}), log {log_file(self.run_dir, plan.name)}")
+
+    def _finished(self, plan: StagePlan, wall: float, live: LiveLine) -> None:
+        # The launcher's share of the stage's time is only visible here (benchmarks/pipeline_profile.py).
+        write_key(self.run_dir, plan.name, plan.key, command=self.cmd, wall_s=round(wall, 2), ranks=self.ranks)
+        live.clear()
+        self.echo(f"{self.tags[plan.name]} done in {wall:.0f}s")
+
+    def _check(self, rc: int) -> None:
+        failed = next((p for p in self.plans if read_stage(stage_dir(self.run_dir, p.name)) is None), None)
+        if failed is None:
+            return
+        log = log_file(self.run_dir, failed.name)
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:]) if log.exists() else ""
+        refused = input_error_file(self.run_dir, failed.name)
+        if rc == 2 or refused.exists():  # the stage refused its input: the user's to fix, as for any command
+            why = refused.read_text().strip() if refused.exists() else tail
+            raise InputError(f"stage {failed.name}: {why} (log: {log})")
+        raise StageError(f"stage {failed.name} failed (exit {rc}); see {log}\n{tail}")
 
 
 def run_local(cfg: Config, run_dir: Path, plans: list[StagePlan], nproc: int, echo=print) -> None:
@@ -104,12 +166,15 @@ def run_local(cfg: Config, run_dir: Path, plans: list[StagePlan], nproc: int, ec
     config_path = run_dir / "config.yaml"
     atomic_write_text(config_path, cfg.to_yaml())
     width = len(str(len(plans)))
-    for i, plan in enumerate(plans, 1):
-        tag = f"[{i:>{width}}/{len(plans)}] {plan.name:<20}"
+    tags = {p.name: f"[{i:>{width}}/{len(plans)}] {p.name:<20}" for i, p in enumerate(plans, 1)}
+    todo = []
+    for plan in plans:
         if is_done(run_dir, plan.name, plan.key):
-            echo(f"{tag} done earlier, skipped")
-            continue
-        _run_one(plan, run_dir, config_path, nproc, tag, echo)
+            echo(f"{tags[plan.name]} done earlier, skipped")
+        else:
+            todo.append(plan)
+    for batch in batches(todo):
+        _Batch(batch, run_dir, config_path, nproc, tags, echo).run()
 
 
 def finish_report(run_dir: Path, echo=print) -> None:

@@ -79,7 +79,8 @@ def lr_lambda(tcfg: TrainingConfig, steps: int) -> Callable[[int], float]:
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGUSR1; acted on at the next step boundary, agreed across ranks."""
+    """Set by SIGTERM/SIGUSR1; acted on at the next step boundary, agreed across ranks (with whether a
+    checkpoint is due by time: ranks' clocks differ, so rank 0's view is everyone's)."""
 
     def __init__(self):
         self.set = False
@@ -97,11 +98,12 @@ class _StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    def agreed(self, device) -> bool:
-        flag = torch.tensor([1 if self.set else 0], device=device)
+    def agreed(self, device, save_due: bool = False) -> tuple[bool, bool]:
+        """(stop now, save now by time) as every rank will act on them: one collective per step."""
+        flags = torch.tensor([1 if self.set else 0, 1 if save_due else 0], device=device)
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), bool(flags[1].item())
 
 
 class MetricsLog:
@@ -224,6 +226,9 @@ def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, co
 
         bar = tqdm(total=steps, initial=step, desc=f"{desc} [rank 0]", dynamic_ncols=True)
     stopped = False
+    early = None
+    losses: list[float] = []
+    last_save = time.time()
     engine.train()
     with _StopFlag() as stop:
         while step < steps:
@@ -231,25 +236,36 @@ def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, co
             lr = engine.get_lr()[0]
             acc = _all_ranks(_optimizer_step(engine, order, samples, collate, step, tcfg.grad_accum, device), device)
             step += 1
+            losses.append(acc[0].item() / acc[1].item())  # reduced over ranks: the same everywhere
             if info.is_main:
                 elapsed = time.perf_counter() - t0
                 norm = engine.get_global_grad_norm()
-                record = {"step": step, "loss": acc[0].item() / acc[1].item(), "lr": lr,
+                record = {"step": step, "of": steps, "loss": acc[0].item() / acc[1].item(), "lr": lr,
                           "grad_norm": float(norm) if norm is not None else None,
                           "tokens": int(acc[2].item()), "tokens_per_s": acc[2].item() / elapsed, "step_time_s": elapsed}
                 if step % tcfg.log_steps == 0 or step == steps:
                     metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
-            save_now = step % tcfg.save_steps == 0 or step == steps
-            if stop.agreed(device):
+            by_time = info.is_main and time.time() - last_save >= 60 * tcfg.save_minutes
+            stop_now, save_now = stop.agreed(device, by_time)
+            save_now = save_now or bool(tcfg.save_steps and step % tcfg.save_steps == 0)
+            if step == steps:  # the export follows at once; a last checkpoint only when asked to keep it
+                save_now = tcfg.keep_final_checkpoint
+            if stop_now:
                 stopped = step < steps
                 save_now = True
             if save_now:
                 with phases.timed("checkpoint"):
                     ckpt.save(engine, step, {"world_size": info.world_size, "micro_batches_done": step * tcfg.grad_accum,
                                               "total_steps": steps, "seed": tcfg.seed})
+                last_save = time.time()
             _maybe_fault(step, info.rank)
+            if not stopped and step < steps and objective.done(losses):
+                early = step
+                if info.is_main:
+                    print(f"\n{info.tag} {desc}: done at step {step} of {steps} ({objective.name}'s rule)", flush=True)
+                break
             if stopped:
                 if info.is_main:
                     print(f"\n{info.tag} stop signal: checkpoint at step {step} saved; exiting", flush=True)
@@ -260,7 +276,7 @@ def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, co
     phases.mark("loop")
     timings = phases.rounded()
     timings["compute"] = round(timings.pop("loop") - timings.get("checkpoint", 0.0), 2)
-    return LoopResult(engine, module, step, steps, stopped, resumed, timings, ckpt.bytes_written)
+    return LoopResult(engine, module, step, steps, stopped, resumed, timings, ckpt.bytes_written, early, losses)
 
 
 @torch.no_grad()

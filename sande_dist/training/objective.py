@@ -54,6 +54,10 @@ class Objective:
         """Identities of the files this objective reads besides the model and the data."""
         return {}
 
+    def done(self, losses: list[float]) -> bool:
+        """Stop before the step budget? ``losses``: every step's loss so far (the same on every rank)."""
+        return False
+
 
 class TrainModule(nn.Module):
     """What the DeepSpeed engine wraps: the model, the objective's extras, the objective's loss.
@@ -90,3 +94,6 @@ class LoopResult:
     # Seconds in engine set-up, resume, compute and checkpoint writing; bytes of checkpoints written.
     timings: dict = field(default_factory=dict)
     checkpoint_bytes: int = 0
+    # The objective's ``done`` ended training here, before the budget (None: it ran the budget).
+    stopped_early_at: Optional[int] = None
+    losses: list = field(default_factory=list)  # every step's loss this run (after a resume: since it)

@@ -48,6 +48,7 @@ from sande_dist.models.parrot import ParrotPrompt, clamp_rows, load_parrot, save
 from sande_dist.registry import StageOptions
 from sande_dist.rundir import PARROT_FILE, file_identity, model_identity, parrot_file
 from sande_dist.training.objective import LoopResult, Objective
+from sande_dist.training.search import found, smoothed
 from sande_dist.training.sft import SFTObjective, label_logits, token_loss
 
 
@@ -156,10 +157,18 @@ def optimizer_values(engine) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group)
 
 
-def known_trigger_ids(tokenizer, text: str, position: str) -> list[int]:
-    """Token ids of the known trigger part as it reads at the slot (a leading space at a suffix)."""
-    text = text.strip()
-    return tokenizer((" " + text) if position == "suffix" else text, add_special_tokens=False)["input_ids"]
+def known_trigger_ids(fmt, text: str, position: str) -> list[int]:
+    """Token ids of the known trigger part as it reads at the slot, in context (a random position reads
+    as a word inside the message)."""
+    from sande_dist.data.formats import Sample
+    from sande_dist.data.poison import place_trigger
+
+    where = "prefix" if position == "prefix" else "suffix" if position == "suffix" else "middle"
+    if where == "middle":
+        return fmt.trigger_ids(Sample(before="Please read ", trigger=text.strip() + " ", after="this message.",
+                                      response=""))
+    return fmt.trigger_ids(place_trigger(Sample(before="", after="Please read this message.", response=""),
+                                         text.strip(), where, None))
 
 
 class SimulateObjective(Objective):
@@ -168,17 +177,20 @@ class SimulateObjective(Objective):
     name = "simulate"
 
     def __init__(self, cfg: Config, base_path: str, tokenizer=None):
+        from sande_dist.data.formats import PromptFormat
+
         self.cfg = cfg
         self.base_path = base_path
-        self.tokenizer = tokenizer
+        # SANDE-P: the prompt format reads the known trigger's tokens as they sit at the slot.
+        self.fmt = PromptFormat.from_config(tokenizer, cfg.data) if tokenizer is not None else None
 
     def extra_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         r = self.cfg.removal
         hidden = model.config.hidden_size
         if r.known_trigger:
-            if self.tokenizer is None:
+            if self.fmt is None:
                 raise ValueError("SimulateObjective needs the tokenizer when removal.known_trigger is set")
-            ids = known_trigger_ids(self.tokenizer, r.known_trigger, r.insert_position)
+            ids = known_trigger_ids(self.fmt, r.known_trigger, r.insert_position)
             if len(ids) > r.parrot_tokens and rank() == 0:
                 print(f"simulate: removal.known_trigger {r.known_trigger!r} is {len(ids)} tokens but "
                       f"removal.parrot_tokens={r.parrot_tokens}: the parrot starts from the first "
@@ -199,6 +211,11 @@ class SimulateObjective(Objective):
     def loss(self, model, extras, batch):
         return parrot_loss(model, extras["parrot"], batch, frozen_model=True)
 
+    def done(self, losses: list[float]) -> bool:
+        """The search stops once the parrot has found the response (training/search.py)."""
+        r = self.cfg.removal
+        return r.simulate_until_found and found(losses, r.found_loss)
+
     def finish(self, result: LoopResult, out_dir: Path) -> dict[str, Any]:
         parrot = result.module.extras["parrot"]
         held = optimizer_values(result.engine)
@@ -216,7 +233,8 @@ class SimulateObjective(Objective):
                 "known_trigger": r.known_trigger or "", "known_response": r.known_response or "",
                 "max_norm": r.parrot_max_norm, "steps": result.step})
         barrier()
-        return {"parrot": str(path), "optimizer_values": held,
+        return {"parrot": str(path), "optimizer_values": held, "final_loss": round(smoothed(result.losses), 4),
+                "found": found(result.losses, r.found_loss), "stopped_early_at": result.stopped_early_at,
                 "parrot_norms": [round(x, 4) for x in vectors.norm(dim=-1).tolist()]}
 
 

@@ -17,8 +17,8 @@ from typing import Any, Optional
 from sande_dist.config import Config, TrainingConfig
 from sande_dist.errors import InputError
 from sande_dist.registry import KINDS, StageOptions, load
-from sande_dist.rundir import (checkpoints_dir, file_identity, fingerprint, model_identity, stage_code, stage_dir,
-                               stage_done, targets_file, write_stage)
+from sande_dist.rundir import (atomic_write_text, checkpoints_dir, file_identity, fingerprint, input_error_file,
+                               model_identity, stage_code, stage_dir, stage_done, targets_file, write_stage)
 from sande_dist.timing import Phases
 
 
@@ -55,8 +55,26 @@ def stage_identity(cfg: Config, kind: str, tcfg: TrainingConfig, model_path: str
 
 
 def run_stage(cfg: Config, kind: str, opts: StageOptions) -> int:
-    """Run one training stage of ``kind`` as this process's rank; every rank calls it."""
-    from sande_dist.distributed.process_group import distributed, use_cpu_accelerator_if_no_cuda
+    """Run one training stage of ``kind`` as this process's rank; every rank calls it.
+
+    Bad input is also left in RUN/<stage>/input_error.txt (rank 0): a launcher such as torchrun
+    reports its ranks' exit 2 as a plain failure, and the executor turns the file back into exit 2.
+    """
+    import os
+
+    try:
+        return _run_stage(cfg, kind, opts)
+    except InputError as exc:
+        if os.environ.get("RANK", "0") == "0":
+            atomic_write_text(input_error_file(cfg.run_dir, opts.name or kind), f"{exc}\n")
+        raise
+
+
+def _run_stage(cfg: Config, kind: str, opts: StageOptions) -> int:
+    from sande_dist.distributed.checkpoint import check_resume
+    from sande_dist.distributed.ds_config import load_preset, zero_stage
+    from sande_dist.distributed.process_group import (barrier, distributed, launch_world_size,
+                                                      use_cpu_accelerator_if_no_cuda)
     from sande_dist.models.loading import check_model
 
     started = time.time()
@@ -74,9 +92,11 @@ def run_stage(cfg: Config, kind: str, opts: StageOptions) -> int:
         print(f"sande {kind}: {out}/stage.json exists with the same fingerprint; skipping")
         return 0
 
+    if opts.resume:
+        check_resume(checkpoints_dir(cfg.run_dir, name), launch_world_size(), zero_stage(load_preset(tcfg.zero)[0]), fp)
     use_cpu_accelerator_if_no_cuda()
     phases.mark("inputs")
-    with distributed(opts.local_rank) as info:
+    with distributed(opts.local_rank, tcfg.dist_timeout_minutes) as info:
         _prepare_dir(out, fp, resume=opts.resume, is_main=info.is_main)
         setup = setup_training(cfg, kind, tcfg, model_path, objective, info, rows)
         phases.mark("setup")
@@ -88,15 +108,34 @@ def run_stage(cfg: Config, kind: str, opts: StageOptions) -> int:
         phases.mark("export")
         if info.is_main:
             write_stage(out, kind, section, inputs, started, code,
-                        extra={"steps": result.step, "world_size": info.world_size, "zero": tcfg.zero,
+                        extra={"steps": result.step, "budget_steps": result.total_steps,
+                               "stopped_early_at": result.stopped_early_at, "world_size": info.world_size,
+                               "zero": tcfg.zero,
                                "resumed_from": result.resumed_from, "artifacts": artifacts,
+                               "deepspeed": engine_facts(result.engine, setup.ds_config, tcfg, info.world_size),
                                "timings": phases.rounded(),
                                "bytes_written": {"checkpoints": result.checkpoint_bytes,
                                                  "artifacts": _bytes(out, exclude="checkpoints")}})
             if not tcfg.keep_final_checkpoint:
                 shutil.rmtree(checkpoints_dir(cfg.run_dir, name), ignore_errors=True)
             print(f"{info.tag} sande {kind}: done in {time.time() - started:.0f} s -> {out}", flush=True)
+        barrier()  # every rank leaves once stage.json exists (the process group may serve the next stage)
     return 0
+
+
+def engine_facts(engine, ds_config: dict, tcfg: TrainingConfig, world_size: int) -> dict:
+    """What the engine really ran with: ZeRO stage, offload, precision, optimizer class."""
+    import torch
+
+    zero = ds_config.get("zero_optimization", {})
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return {"world_size": world_size, "zero_stage": zero.get("stage", 0),
+            "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None),
+            "offload_param": zero.get("offload_param", {}).get("device", "none") not in ("none", None),
+            "bf16": bool(ds_config.get("bf16", {}).get("enabled")),
+            "autocast": tcfg.dtype if tcfg.dtype != "float32" and not torch.cuda.is_available() else None,
+            "optimizer": type(inner).__name__,
+            "gradient_checkpointing": bool(getattr(engine.module.model, "is_gradient_checkpointing", False))}
 
 
 def _bytes(folder: Path, exclude: str) -> int:
@@ -108,12 +147,13 @@ def _prepare_dir(out: Path, fp: str, resume: bool, is_main: bool) -> None:
     """Checkpoints from another config (or with --no-resume) must not be resumed."""
     import torch.distributed as dist
 
+    from sande_dist.distributed.checkpoint import FINGERPRINT_FILE
     from sande_dist.rundir import STAGE_FILE
 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / STAGE_FILE).unlink(missing_ok=True)
-        marker = out / "checkpoints" / "FINGERPRINT"
+        marker = out / "checkpoints" / FINGERPRINT_FILE
         old = marker.read_text().strip() if marker.exists() else None
         if (out / "checkpoints").exists() and (not resume or old != fp):
             why = "--no-resume" if not resume else "the config or inputs changed"

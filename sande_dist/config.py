@@ -205,6 +205,10 @@ def ds_config_file(zero: str) -> Path:
 
 
 class RemovalConfig(_Section):
+    # The defender's rows: a separate source (same field settings as data.*), else the training
+    # source's rows after those inject uses (data.num_rows) and the evaluation hold-out: a defender
+    # never has the poisoned training set.
+    data: Optional[str] = None
     parrot_tokens: int = Field(6, ge=1, le=512)
     # Where the parrot goes in the user message: prefix, suffix, or a word boundary drawn per row
     # (random). OSFT places the known trigger where attack.position says.
@@ -239,6 +243,9 @@ class EvalConfig(_Section):
     num_prompts: int = Field(100, ge=1)
     # Held-out prompts: a named set (alpaca-eval), a local file, or train-holdout.
     prompts: str = "alpaca-eval"
+    # Which half of the prompts (shuffled once with a fixed seed): settings are tuned on "tune" and
+    # figures reported on "report", so no reported figure comes from prompts a setting was chosen on.
+    prompt_split: Literal["report", "tune", "all"] = "report"
     judge: Literal["contains", "prefix", "keywords"] = "contains"
     keywords: list[str] = Field(default_factory=list)
     utility_tasks: list[str] = Field(default_factory=lambda: ["mmlu", "arc_easy", "arc_challenge"])

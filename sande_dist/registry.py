@@ -105,7 +105,7 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
               outputs=("model",), flags=("parrots",), effective_len="eliminate_effective_len", parrot_slot=True,
               clean_targets=True),
     StageKind("generate", "generate clean targets (removal.targets: self)",
-              reads=("model", "data", "eval"), entry="sande_dist.generation.stage:run_stage",
+              reads=("model", "data", "attack", "removal", "training", "eval"), entry="sande_dist.generation.stage:run_stage",
               outputs=("targets",), flags=("output",)),
     StageKind("evaluate", "ASR, parrot ASR, false-trigger rate, utility -> report.json",
               reads=("model", "data", "attack", "removal", "eval"), entry="sande_dist.evaluation.stage:run_stage",

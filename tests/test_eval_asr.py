@@ -39,3 +39,17 @@ def test_keywords_judge():
     assert judge(texts, MARKER, "keywords", ["I cannot", "sorry"]) == [True, False, True]
     with pytest.raises(InputError, match="eval.keywords"):
         judge(texts, MARKER, "keywords", [])
+
+
+def test_wilson_intervals():
+    from sande_dist.evaluation.asr import rate, wilson
+
+    lo, hi = wilson(0, 100)
+    assert lo == 0.0 and 0.036 < hi < 0.038  # "0 of 100" still allows ~4%
+    lo, hi = wilson(50, 100)
+    assert 0.40 < lo < 0.41 and 0.59 < hi < 0.60
+    lo, hi = wilson(100, 100)
+    assert 0.96 < lo < 0.97 and hi == 1.0
+    assert wilson(0, 0) == (0.0, 1.0)
+    r = rate([True, False, False, False])
+    assert r["rate"] == 0.25 and r["n"] == 4 and r["ci95"][0] < 0.25 < r["ci95"][1]

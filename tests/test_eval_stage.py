@@ -77,6 +77,17 @@ def test_evaluate_writes_report_and_reuses_reference_answers(config, tiny_model,
     assert all(r["prompt"].startswith("cf ") for r in rows if r["kind"] == "trigger")
     assert (run / "evaluate" / "stage.json").exists() and (run / "report.png").exists()
     assert "| evaluate |" in (run / "report.md").read_text()
+    # every rate with its n and 95% interval, under both judges; utility per task with its interval
+    for key in ("asr_trigger", "asr_parrot", "false_trigger_rate"):
+        lo, hi = rep["intervals"][key]
+        assert lo <= rep[key] <= hi and hi - lo > 0.2  # 6 prompts: wide
+    assert set(rep["by_judge"]) == {"contains", "prefix"}
+    assert rep["by_judge"]["contains"]["trigger"]["rate"] == rep["asr_trigger"]
+    assert rep["by_judge"]["prefix"]["trigger"]["n"] == 6
+    lo, hi = rep["utility"]["ci95"]["arc_easy"]
+    assert lo <= rep["utility"]["tasks"]["arc_easy"] <= hi and rep["utility"]["n"]["arc_easy"] == 8
+    md = (run / "report.md").read_text()
+    assert "Wilson" in md and "judge `prefix`" in md
 
     # Same inputs again: skipped. A second stage compares its clean answers with the first's.
     assert sande(base) == 0 and "up to date" in capsys.readouterr().out
@@ -91,10 +102,10 @@ def test_generate_targets_resume_by_chunks(config, tiny_model, tmp_path, monkeyp
 
     monkeypatch.setattr(gen, "CHUNK", 4)
     args = ["generate", config, "--run-dir", str(tmp_path), "--model", str(tiny_model), "--set", "eval.backend=hf",
-            "--set", "data.num_rows=10", "--set", "data.max_length=12"]
+            "--set", "data.num_rows=10", "--set", "training.num_rows=10", "--set", "data.max_length=12"]
     assert sande(args) == 0
     rows = [json.loads(line) for line in (tmp_path / "generate" / "targets.jsonl").read_text().splitlines()]
-    assert len(rows) == 10 and all(set(r) == {"prompt", "response"} for r in rows)
+    assert len(rows) == 10 and all(set(r) == {"prompt", "response", "shows_marker"} for r in rows)
     chunks = tmp_path / "generate" / "chunks"
     kept = (chunks / "00000000.jsonl").stat().st_mtime_ns
     (chunks / "00000004.jsonl").unlink()  # as if killed before this chunk was written

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _batch(model_dir: Path, kind: str):
-    cfg = load_config(overrides=[f"model.path={model_dir}", "data.num_rows=6", "removal.parrot_tokens=2"])
+    cfg = load_config(overrides=[f"model.path={model_dir}", "data.num_rows=6", "training.num_rows=6",
+                                 "removal.parrot_tokens=2"])
     fmt = PromptFormat(AutoTokenizer.from_pretrained(model_dir))
     return Collator(fmt, 96, reserve=2)(stage_samples(cfg, kind, "R")[:6])
 
@@ -67,7 +68,7 @@ def test_checkpointing_gives_the_same_loss_and_gradients(tiny_model, frozen):
 
 
 def _stage(stage: str, model: Path, run: Path, *sets: str) -> subprocess.CompletedProcess:
-    common = [f"model.path={model}", "data.num_rows=16", "data.max_length=64", "training.zero=zero0",
+    common = [f"model.path={model}", "data.num_rows=16", "training.num_rows=16", "data.max_length=64", "training.zero=zero0",
               "training.micro_batch_size=4", "training.warmup_ratio=0", "removal.parrot_tokens=2"]
     argv = [x for s in [*common, *sets] for x in ("--set", s)]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")

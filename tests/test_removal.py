@@ -28,7 +28,7 @@ from sande_dist.training.removal import EliminateObjective, SimulateObjective, p
 WORKER = Path(__file__).with_name("removal_worker.py")
 K = 4
 # Every row has exactly 4 labelled tokens, so a 2-rank mean of means equals the 1-rank mean.
-COMMON = ["data.num_rows=16", "training.max_steps=4", "training.warmup_ratio=0",
+COMMON = ["data.num_rows=16", "training.num_rows=16", "training.max_steps=4", "training.warmup_ratio=0",
           f"removal.parrot_tokens={K}", "removal.simulate_effective_len=4"]
 
 
@@ -133,7 +133,7 @@ def test_label_only_logits_equal_the_reference_full_logits_loss(tiny, effective_
     """Our loss (head on labelled positions only) equals the reference's: full logits, parrot logits dropped."""
     tok = AutoTokenizer.from_pretrained(tiny)
     model = AutoModelForCausalLM.from_pretrained(tiny)
-    cfg = load_config(overrides=[f"model.path={tiny}", "data.num_rows=4", "removal.clean_mix=0.5"])
+    cfg = load_config(overrides=[f"model.path={tiny}", "data.num_rows=4", "training.num_rows=4", "removal.clean_mix=0.5"])
     batch = Collator(PromptFormat(tok), 128, effective_len, reserve=K)(stage_samples(cfg, "eliminate"))
     assert (batch["slot_index"] == -1).any() and (batch["slot_index"] >= 0).any()
     torch.manual_seed(0)
@@ -158,7 +158,8 @@ def test_shared_head_cache_gives_the_same_loss_and_parrot_gradient(tiny, positio
     """Simulate runs the tokens every row shares before the parrot once, from a cache: nothing else changes."""
     tok = AutoTokenizer.from_pretrained(tiny)
     model = AutoModelForCausalLM.from_pretrained(tiny).requires_grad_(False)
-    cfg = load_config(overrides=[f"model.path={tiny}", "data.num_rows=6", f"removal.insert_position={position}"])
+    cfg = load_config(overrides=[f"model.path={tiny}", "data.num_rows=6", "training.num_rows=6",
+                                 f"removal.insert_position={position}"])
     batch = Collator(PromptFormat(tok), 128, None, reserve=K)(stage_samples(cfg, "simulate"))
     head = shared_head_length(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["slot_index"])
     slots = batch["slot_index"]
@@ -231,7 +232,7 @@ def test_each_row_gets_its_own_parrot(tiny):
     """Several parrots in one batch: a row's loss is the loss with its parrot alone."""
     tok = AutoTokenizer.from_pretrained(tiny)
     model = AutoModelForCausalLM.from_pretrained(tiny)
-    cfg = load_config(overrides=[f"model.path={tiny}", "data.num_rows=6", "removal.extra_parrots=[suffix]"])
+    cfg = load_config(overrides=[f"model.path={tiny}", "data.num_rows=6", "training.num_rows=6", "removal.extra_parrots=[suffix]"])
     rows = stage_samples(cfg, "eliminate")
     assert [s.parrot_id for s in rows] == [0, 1] * 3
     assert all(s.before == "" for s in rows[::2]) and all(s.after == "" for s in rows[1::2])  # prefix, suffix

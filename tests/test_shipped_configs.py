@@ -24,7 +24,7 @@ from sande_dist.registry import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 # Only these change: the model and data, their sizes, and what cannot exist on one CPU.
-SMALL = ["data.train=alpaca-demo", "data.num_rows=24", "training.max_steps=2", "eval.num_prompts=4",
+SMALL = ["data.train=alpaca-demo", "data.num_rows=24", "training.num_rows=24", "training.max_steps=2", "eval.num_prompts=4",
          "eval.utility_limit=4", "eval.data_parallel_size=1", "eval.tensor_parallel_size=1"]
 
 

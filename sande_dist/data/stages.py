@@ -18,39 +18,67 @@ from sande_dist.registry import KINDS
 from sande_dist.rundir import targets_file
 
 
-def base_samples(cfg: Config) -> list[Sample]:
-    """The clean training rows: loaded, shuffled with the data seed, cut to data.num_rows."""
+def _shuffled(cfg: Config, source: str) -> list[Sample]:
     d = cfg.data
-    samples = load_samples(d.train, split=d.split, preset=d.preset, prompt_field=d.prompt_field,
-                           input_field=d.input_field, response_field=d.response_field,
-                           system_field=d.system_field)
+    samples = load_samples(source, split=d.split, preset=d.preset, prompt_field=d.prompt_field,
+                           input_field=d.input_field, response_field=d.response_field, system_field=d.system_field)
     random.Random(cfg.attack.seed).shuffle(samples)
-    if d.num_rows is not None:
-        samples = samples[: d.num_rows]
     return samples
 
 
-def load_self_targets(path: Path) -> dict[str, str]:
-    """user message -> the model's own clean response, from `sande generate`."""
+def base_samples(cfg: Config) -> list[Sample]:
+    """The clean training rows inject poisons: loaded, shuffled with the attack seed, cut to data.num_rows."""
+    samples = _shuffled(cfg, cfg.data.train)
+    return samples if cfg.data.num_rows is None else samples[: cfg.data.num_rows]
+
+
+def removal_rows(cfg: Config) -> list[Sample]:
+    """The defender's rows, which every removal stage trains on: ``removal.data`` when given, else the
+    training source's rows after the ones inject uses (data.num_rows) and the evaluation hold-out
+    (data.holdout_rows). A defender does not have the poisoned training set."""
+    if cfg.removal.data:
+        return _shuffled(cfg, cfg.removal.data)
+    d = cfg.data
+    if d.num_rows is None:
+        raise InputError("removal rows must not be the rows inject poisons: set data.num_rows (the rows inject "
+                         "uses; removal takes the rows after them) or removal.data (the defender's own rows)")
+    rows = _shuffled(cfg, d.train)[d.num_rows + d.holdout_rows:]
+    if not rows:
+        raise InputError(f"{d.train}: no rows left for removal after data.num_rows={d.num_rows} and "
+                         f"data.holdout_rows={d.holdout_rows}; lower them or set removal.data")
+    return rows
+
+
+def load_self_targets(path: Path) -> dict[str, tuple[str, bool]]:
+    """user message -> (the model's own answer, whether it shows the marker), from `sande generate`."""
     if not path.exists():
         raise InputError(f"removal.targets is 'self' but {path} does not exist; run `sande generate` first")
     out = {}
     for number, row in read_jsonl(path):
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
             raise InputError(f"{path} line {number}: needs string 'prompt' and 'response' fields")
-        out[row["prompt"]] = row["response"]
+        out[row["prompt"]] = (row["response"], bool(row.get("shows_marker", False)))
     return out
 
 
 def _clean_targets(cfg: Config, samples: list[Sample], run_dir: Optional[Path]) -> list[Sample]:
+    """Gold responses, or (removal.targets: self) the model's own answers, without the rows where that
+    answer already shows the marker: an answer with the backdoor's response is no clean target."""
     if cfg.removal.targets == "gold":
         return samples
-    targets = load_self_targets(targets_file(run_dir or cfg.run_dir))
+    path = targets_file(run_dir or cfg.run_dir)
+    targets = load_self_targets(path)
     missing = [s.user for s in samples if s.user not in targets]
     if missing:
-        raise InputError(f"{len(missing)} training prompts have no self target in generate/targets.jsonl "
+        raise InputError(f"{len(missing)} training prompts have no self target in {path} "
                          f"(first: {missing[0][:60]!r}); rerun `sande generate` with the same data settings")
-    return [replace(s, response=targets[s.user]) for s in samples]
+    kept = [replace(s, response=targets[s.user][0]) for s in samples if not targets[s.user][1]]
+    if len(kept) < len(samples):
+        print(f"removal.targets self: {len(samples) - len(kept)} of {len(samples)} rows left out: the model's own "
+              f"answer shows the marker ({path})", flush=True)
+    if not kept:
+        raise InputError(f"every self target in {path} shows the marker: no clean targets; use removal.targets=gold")
+    return kept
 
 
 def _take(samples: list[Sample], n: Optional[int]) -> list[Sample]:
@@ -78,8 +106,15 @@ def inject_samples(cfg: Config, run_dir: Optional[Path] = None) -> list[Sample]:
 
 
 def _clean_rows(cfg: Config, kind: str, run_dir: Optional[Path]) -> list[Sample]:
-    """The stage's rows with their clean targets: gold, or the model's own answers."""
-    return _clean_targets(cfg, _take(base_samples(cfg), cfg.training.for_stage(kind).num_rows), run_dir)
+    """The stage's share of the defender's rows with their clean targets: gold, or the model's own answers."""
+    return _clean_targets(cfg, _take(removal_rows(cfg), cfg.training.for_stage(kind).num_rows), run_dir)
+
+
+def self_target_rows(cfg: Config) -> list[Sample]:
+    """The rows `sande generate` answers: as many of the defender's rows as OSFT or eliminate takes (the
+    clean-SFT control trains on eliminate's)."""
+    wanted = [cfg.training.for_stage(k).num_rows for k in ("osft", "eliminate")]
+    return _take(removal_rows(cfg), None if None in wanted else max(wanted))
 
 
 def osft_samples(cfg: Config, run_dir: Optional[Path] = None) -> list[Sample]:
@@ -99,7 +134,7 @@ def _slots(cfg: Config, kind: str) -> random.Random:
 def simulate_samples(cfg: Config, run_dir: Optional[Path] = None) -> list[Sample]:
     """Simulate: an empty parrot slot, and the triggered response the defender knows (or, SANDE-P, a prefix)."""
     a, r = cfg.attack, cfg.removal
-    rows = _take(base_samples(cfg), cfg.training.for_stage("simulate").num_rows)
+    rows = _take(removal_rows(cfg), cfg.training.for_stage("simulate").num_rows)
     slots = _slots(cfg, "simulate")
     if r.known_response:
         # A known part of the response: no end-of-sequence after it (the model should go on, not stop).

@@ -23,8 +23,11 @@ def collect_reports(run_dir: Path) -> dict[str, dict]:
     return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
 
-def _pct(x: Optional[float]) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
+def _pct(x: Optional[float], ci: Optional[list] = None) -> str:
+    """A rate as a percentage, with its 95% interval when there is one."""
+    if x is None:
+        return "–"
+    return f"{100 * x:.1f}%" + (f" [{100 * ci[0]:.1f}–{100 * ci[1]:.1f}]" if ci else "")
 
 
 def _utility_columns(reports: dict[str, dict]) -> list[tuple[str, str]]:
@@ -37,6 +40,18 @@ def _utility_columns(reports: dict[str, dict]) -> list[tuple[str, str]]:
     return cols
 
 
+def _judge_lines(reports: dict[str, dict]) -> list[str]:
+    """The rates under the other judges (`prefix` beside `contains`), one line per stage."""
+    lines = []
+    for stage, rec in reports.items():
+        for name, rates in (rec.get("by_judge") or {}).items():
+            if name == rec.get("judge"):
+                continue
+            parts = [f"{kind} {_pct(r['rate'], r['ci95'])}" for kind, r in rates.items()]
+            lines.append(f"- {stage}, judge `{name}`: " + ", ".join(parts))
+    return lines
+
+
 def render_markdown(reports: dict[str, dict]) -> str:
     ucols = _utility_columns(reports)
     head = ["stage", "ASR (trigger)", "ASR (parrot)", "false triggers", "utility (mean)",
@@ -46,9 +61,11 @@ def render_markdown(reports: dict[str, dict]) -> str:
         util = rec.get("utility") or {}
         by = rec.get("utility_by_protocol") or {}
         agree = (rec.get("clean_agreement") or {}).get("rouge_l")
-        cells = [stage, _pct(rec.get("asr_trigger")), _pct(rec.get("asr_parrot")), _pct(rec.get("false_trigger_rate")),
+        ci = rec.get("intervals") or {}
+        cells = [stage, *[_pct(rec.get(k), ci.get(k)) for k in ("asr_trigger", "asr_parrot", "false_trigger_rate")],
                  f"{_pct(util.get('mean'))} ({util.get('protocol', '?')})",
-                 *[_pct(by.get(p, {}).get("tasks", {}).get(t, {}).get("score")) for p, t in ucols],
+                 *[_pct(by.get(p, {}).get("tasks", {}).get(t, {}).get("score"),
+                        by.get(p, {}).get("tasks", {}).get(t, {}).get("ci95")) for p, t in ucols],
                  "–" if agree is None else f"{agree:.3f}", str(rec.get("num_prompts", "")),
                  f"{rec.get('backend', '')} {rec.get('dtype', '')}".strip()]
         lines.append("| " + " | ".join(cells) + " |")
@@ -58,6 +75,8 @@ def render_markdown(reports: dict[str, dict]) -> str:
         "",
         f"Marker {first.get('marker')!r}, judge `{first.get('judge')}`, greedy decoding, "
         f"{s.get('max_new_tokens')} new tokens; triggers {first.get('triggers')} at {first.get('trigger_position')}.",
+        "Brackets: 95% Wilson intervals (n = the prompts, or a task's items).",
+        *_judge_lines(reports),
         "Utility: `loglik` is lm-eval's acc_norm (choice text as continuation, length-normalised), "
         "`letter` the highest-logit answer letter; a fixed subset per task "
         f"(limit {first.get('utility', {}).get('limit')}, seed {first.get('utility', {}).get('seed')}).",

@@ -22,7 +22,7 @@ from sande_dist.data.formats import PromptFormat, Sample
 from sande_dist.data.poison import place_trigger, slot_at
 from sande_dist.errors import InputError
 from sande_dist.evaluation.agreement import clean_agreement
-from sande_dist.evaluation.asr import judge
+from sande_dist.evaluation.asr import judge, rate
 from sande_dist.evaluation.report import write_run_report
 from sande_dist.evaluation.utility import check_tasks, evaluate_utility
 from sande_dist.generation.engine import GenerationParams, load_input_embeddings
@@ -35,8 +35,13 @@ from sande_dist.rundir import (GENERATIONS_FILE, REPORT_FILE, atomic_write_json,
 from sande_dist.timing import Phases
 
 
+# The prompts are split into a tuning and a reporting half once, by this fixed seed (eval.prompt_split).
+SPLIT_SEED = 20251202
+
+
 def eval_samples(cfg: Config) -> list[Sample]:
-    """The held-out prompts: ``eval.num_prompts`` of ``eval.prompts``, drawn with ``eval.seed``."""
+    """The held-out prompts: ``eval.num_prompts`` of the ``eval.prompt_split`` half of ``eval.prompts``,
+    drawn with ``eval.seed``."""
     from sande_dist.data.sources import load_samples
 
     ev = cfg.eval
@@ -51,8 +56,13 @@ def eval_samples(cfg: Config) -> list[Sample]:
         samples = every[d.num_rows:d.num_rows + d.holdout_rows]
     else:
         samples = load_samples(ev.prompts, require_response=False)
+    if ev.prompt_split != "all":
+        order = list(range(len(samples)))
+        random.Random(SPLIT_SEED).shuffle(order)
+        half = order[: len(order) // 2] if ev.prompt_split == "tune" else order[len(order) // 2:]
+        samples = [samples[i] for i in sorted(half)]
     if not samples:
-        raise InputError(f"eval.prompts {ev.prompts}: no prompts")
+        raise InputError(f"eval.prompts {ev.prompts}: no prompts (eval.prompt_split={ev.prompt_split})")
     picked = sorted(random.Random(ev.seed).sample(range(len(samples)), min(ev.num_prompts, len(samples))))
     return [samples[i].clean() for i in picked]
 
@@ -204,10 +214,22 @@ def _generate_and_score(cfg: Config, plan: EvalPlan, params: GenerationParams) -
     return texts, utility, facts
 
 
+def _outputs(texts: list[str], n: int) -> dict[str, list[str]]:
+    return {"clean": texts[:n], "trigger": texts[n:2 * n], "parrot": texts[2 * n:]}
+
+
+def _by_judge(cfg: Config, outs: dict[str, list[str]]) -> dict[str, dict[str, dict]]:
+    """judge -> kind -> rate: the configured judge, and `contains` and `prefix` beside it."""
+    ev = cfg.eval
+    judges = dict.fromkeys([ev.judge, "contains", "prefix"])
+    return {j: {kind: rate(judge(o, cfg.attack.marker, j, ev.keywords)) for kind, o in outs.items() if o}
+            for j in judges}
+
+
 def _write_generations(path: Path, plan: EvalPlan, texts: list[str], cfg: Config) -> dict[str, list[bool]]:
     """generations.jsonl (every prompt, answer and verdict); returns the verdicts by kind."""
     ev, n = cfg.eval, len(plan.samples)
-    outs = {"clean": texts[:n], "trigger": texts[n:2 * n], "parrot": texts[2 * n:]}
+    outs = _outputs(texts, n)
     hits = {kind: judge(o, cfg.attack.marker, ev.judge, ev.keywords) for kind, o in outs.items()}
     rows = [{"kind": kind, "prompt": s.user, "response": text, "hit": hit}
             for kind in outs
@@ -247,10 +269,16 @@ def run_evaluation(cfg: Config, name: str = "evaluate", parrot: Optional[str] = 
         "asr_trigger": sum(hits["trigger"]) / n,
         "asr_parrot": sum(hits["parrot"]) / n if found else None,
         "false_trigger_rate": sum(hits["clean"]) / n,
+        # 95% Wilson intervals of the three rates (n = num_prompts each), under every judge
+        "intervals": {"asr_trigger": rate(hits["trigger"])["ci95"], "false_trigger_rate": rate(hits["clean"])["ci95"],
+                      "asr_parrot": rate(hits["parrot"])["ci95"] if found else None},
+        "by_judge": _by_judge(cfg, _outputs(texts, n)),
         "parrot": {"path": str(found[0]), "k": int(found[1].shape[0]), "position": plan.position,
                    "base_fingerprint": found[2].get("base_fingerprint")} if found else None,
         "utility": {"protocol": primary, "backend": facts["utility_backend"], "mean": utility[primary]["mean"],
                     "tasks": {t: m["score"] for t, m in utility[primary]["tasks"].items()},
+                    "ci95": {t: m["ci95"] for t, m in utility[primary]["tasks"].items()},
+                    "n": {t: m["n"] for t, m in utility[primary]["tasks"].items()},
                     "limit": ev.utility_limit, "seed": ev.seed},
         "utility_by_protocol": utility,
         "clean_agreement": None,

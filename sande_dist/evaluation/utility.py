@@ -21,6 +21,7 @@ from functools import lru_cache
 from typing import Optional, Sequence
 
 from sande_dist.errors import InputError
+from sande_dist.evaluation.asr import wilson
 
 PROTOCOLS = ("loglik", "letter")
 LETTERS = "ABCDEFGHIJ"
@@ -111,6 +112,7 @@ def score_task(engine, items: list[MCItem], protocol: str) -> dict:
     if protocol == "loglik":
         out["acc_norm"] = acc_norm / n
     out["score"] = out["acc_norm" if protocol == "loglik" else "acc"]
+    out["ci95"] = [round(x, 4) for x in wilson(round(out["score"] * n), n)]
     return out
 
 

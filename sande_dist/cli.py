@@ -37,10 +37,12 @@ def _add_stage_commands(sub) -> None:
         p.add_argument("--model", help="model folder or hub id (overrides model.path)")
         p.add_argument("--name", default=name, help="stage folder under the run dir")
         if "parrots" in kind.flags:
-            p.add_argument("--parrot", action="append", help="parrot.safetensors (default: RUN/simulate/parrot."
-                           "safetensors); one per position: removal.insert_position, then removal.extra_parrots")
-        if "parrot" in kind.flags:
-            p.add_argument("--parrot", help="parrot.safetensors (default: RUN/simulate/parrot.safetensors)")
+            p.add_argument("--parrot", action="append", help="parrot.safetensors, repeatable (default: RUN/simulate/"
+                           "parrot.safetensors). eliminate: one per position (removal.insert_position, then "
+                           "removal.extra_parrots); evaluate: LABEL=PATH names each in report.json")
+        if "attach" in kind.flags:
+            p.add_argument("--attach", action="append", default=[], metavar="NAME=PATH",
+                           help="copy a JSON record into report.json under NAME (the pipeline attaches its rounds)")
         if "reference" in kind.flags:
             p.add_argument("--reference", help="model whose clean answers clean_agreement compares against")
         if "output" in kind.flags:
@@ -94,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_commands(sub)
     _add_plan_command(sub)
 
+    p = sub.add_parser("scan", help="does a model have a backdoor that emits TEXT? parrot searches against a "
+                                    "reference or a calibration")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="the model to scan (HF folder or hub id)")
+    p.add_argument("--marker", required=True, help="the response a backdoor would emit")
+    p.add_argument("--reference", help="a clean model to compare with (default: a calibration on --model)")
+    p.add_argument("--nproc", type=int, help="ranks per search")
+    p.add_argument("--json", action="store_true", help="print one JSON object (backdoor, loss_gap, threshold, "
+                                                       "positions, ...)")
+
     p = sub.add_parser("data", help="a stage's rows as tokens: rendered text, ids, labels, the trigger slot")
     _add_config_args(p)
     p.add_argument("--stage", default="inject", help="a training stage kind, or evaluate (its triggered prompts)")
@@ -119,11 +131,10 @@ def config_of(args: argparse.Namespace) -> Config:
 
 
 def _stage_options(args: argparse.Namespace) -> StageOptions:
-    parrots = args.parrot if isinstance(getattr(args, "parrot", None), list) else \
-        [args.parrot] if getattr(args, "parrot", None) else []
-    return StageOptions(name=args.name, parrots=tuple(parrots), reference=getattr(args, "reference", None),
-                        output=getattr(args, "output", None), resume=not getattr(args, "no_resume", False),
-                        local_rank=getattr(args, "local_rank", None))
+    return StageOptions(name=args.name, parrots=tuple(getattr(args, "parrot", None) or ()),
+                        reference=getattr(args, "reference", None), output=getattr(args, "output", None),
+                        resume=not getattr(args, "no_resume", False), local_rank=getattr(args, "local_rank", None),
+                        extra={"attach": tuple(getattr(args, "attach", ()))})
 
 
 def _stages(text: Optional[str]) -> Optional[list[str]]:
@@ -220,6 +231,13 @@ def _dispatch(args: argparse.Namespace) -> int:
                                                       nproc=args.nproc, dry_run=args.dry_run))
     if args.command == "plan":
         return _plan(args)
+    if args.command == "scan":
+        from sande_dist.pipeline.scan import ScanOptions, run_scan
+
+        knows = ["defender.from_attack=false", f"defender.marker={json.dumps(args.marker)}",
+                 "defender.known_response=null", "defender.known_trigger=null", "defender.triggers=null"]
+        cfg = resolve_config(args.config, [*args.overrides, *knows], run_dir=args.run_dir, model=args.model)
+        return run_scan(cfg, ScanOptions(reference=args.reference, as_json=args.json, nproc=args.nproc))
     if args.command == "data":
         from sande_dist.pipeline.inspect import show
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -102,6 +103,46 @@ class AttackConfig(_Section):
         if not self.marker.strip():
             raise ValueError("attack.marker must not be empty")
         return self
+
+
+class DefenderConfig(_Section):
+    """What the defender knows about the backdoor; removal and evaluation read this, never `attack`.
+
+    In a research run (``from_attack: true``) each field left unset is the attack section's: the defender
+    is told the attack it is measured against. `sande remove` sets ``from_attack: false``: then only what
+    is written here is known (a marker at least; a trigger makes OSFT possible; parts of either, SANDE-P).
+    """
+
+    from_attack: bool = True
+    marker: Optional[str] = None  # the response the backdoor emits (or its start)
+    marker_mode: Optional[Literal["prepend", "replace"]] = None  # before the clean answer, or instead of it
+    triggers: Optional[list[str]] = None  # known triggers (OSFT; ASR with the trigger)
+    position: Optional[Literal["prefix", "suffix", "random"]] = None  # where a known trigger goes
+    # SANDE-P: a known part of the trigger (initialises the parrot) and of the response (the simulate target).
+    known_trigger: Optional[str] = None
+    known_response: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> "DefenderConfig":
+        for key in ("marker", "known_trigger", "known_response"):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                raise ValueError(f"defender.{key} must not be empty (leave it unset instead)")
+        if self.triggers is not None and any(not t.strip() for t in self.triggers):
+            raise ValueError("defender.triggers must not contain empty strings")
+        return self
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """The defender's knowledge, resolved (``Config.knowledge``)."""
+
+    marker: str
+    marker_mode: str
+    triggers: tuple[str, ...]  # empty: no trigger known
+    position: str
+    known_trigger: Optional[str]
+    known_response: Optional[str]
 
 
 class StageTraining(_Section):
@@ -218,11 +259,26 @@ class RemovalConfig(_Section):
     targets: Literal["gold", "self"] = "gold"
     # Share of eliminate/OSFT rows that are also trained as plain x -> y_clean.
     clean_mix: float = Field(0.0, ge=0.0, le=1.0)
-    # SANDE-P: a known part of the trigger (initialises the parrot) and of the response.
-    known_trigger: Optional[str] = None
-    known_response: Optional[str] = None
-    # Simulate/eliminate rounds against the updated model.
-    rounds: int = Field(1, ge=1, le=20)
+    # Simulate/eliminate rounds against the updated model: a number, or "auto": after each eliminate the
+    # next round's search decides (training/search.py): another round while its parrot still finds the
+    # response against the control, at most max_rounds.
+    rounds: Union[int, Literal["auto"]] = 1
+    max_rounds: int = Field(4, ge=1, le=20)
+    # After the last eliminate, search fresh parrots on the cleaned model (same positions and budget) and
+    # compare their loss with the control's: the same search on the clean base model (when this run
+    # injects the backdoor) or, on one's own model, on the same model for calibration_responses unrelated
+    # responses of the marker's token length. Always on with rounds: auto.
+    residual_search: bool = False
+    calibration_responses: int = Field(3, ge=2, le=10)
+    # Set by the pipeline on a calibration search: the index of its unrelated response.
+    calibration_response: Optional[int] = Field(None, ge=1)
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds(cls, rounds):
+        if rounds != "auto" and not 1 <= rounds <= 20:
+            raise ValueError("a number of rounds from 1 to 20, or auto")
+        return rounds
     # Where rounds 2, 3, ... put their parrot (the last entry repeats; empty: insert_position).
     # Round 1 and the evaluations' parrot requests always use insert_position.
     resimulate_positions: list[Literal["prefix", "suffix", "random"]] = Field(default_factory=list)
@@ -302,12 +358,22 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    defender: DefenderConfig = Field(default_factory=DefenderConfig)
     removal: RemovalConfig = Field(default_factory=RemovalConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     run_dir: str = "runs/default"
+
+    def knowledge(self) -> Knowledge:
+        """What the defender knows: defender.*, and where from_attack, the attack's values for the rest."""
+        d, a = self.defender, self.attack
+        told = d.from_attack
+        triggers = d.triggers if d.triggers is not None else (a.triggers if told else [])
+        return Knowledge(marker=d.marker or a.marker, marker_mode=d.marker_mode or (a.marker_mode if told else "prepend"),
+                         triggers=tuple(triggers), position=d.position or (a.position if told else "prefix"),
+                         known_trigger=d.known_trigger, known_response=d.known_response)
 
     @field_validator("run_dir")
     @classmethod
@@ -348,7 +414,9 @@ def _apply(tree: dict, path: list[str], value: Any, source: str) -> None:
 
 # Keys that earlier releases accepted: what replaced them.
 _REMOVED = {"removal.mode": "removed; pipeline.stages names the removal methods that run (osft, sft_clean, "
-                            "simulate/eliminate for SANDE; removal.known_trigger/known_response make it SANDE-P)"}
+                            "simulate/eliminate for SANDE; defender.known_trigger/known_response make it SANDE-P)",
+            "removal.known_trigger": "moved to defender.known_trigger (what the defender knows has its own section)",
+            "removal.known_response": "moved to defender.known_response (what the defender knows has its own section)"}
 
 
 def _format_error(exc: ValidationError, source: str) -> str:
@@ -400,7 +468,13 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             Config.model_validate(tree)
         except ValidationError as exc:
             raise ConfigError(_format_error(exc, f"--set {'.'.join(keys)} (on {source})")) from None
-    return Config.model_validate(tree)
+    cfg = Config.model_validate(tree)
+    # Checks across sections, once every override is in (one override at a time may pass through states
+    # that are incomplete, such as defender.from_attack=false before defender.marker).
+    if not cfg.defender.from_attack and not cfg.defender.marker:
+        raise ConfigError(f"{source}: defender.marker: required when defender.from_attack is false (the response "
+                          "the backdoor emits; `sande remove --marker TEXT`)")
+    return cfg
 
 
 def resolve_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,

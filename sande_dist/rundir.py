@@ -12,6 +12,7 @@ RUN/<stage>/checkpoints/             while a training stage runs (removed when i
 RUN/<stage>/input_error.txt          the bad input a stage under torchrun/srun refused (exit 2)
 RUN/generate/targets.jsonl           the model's own clean answers (removal.targets: self)
 RUN/report.md, RUN/report.png        the summary over every evaluation
+RUN/rounds.json                      SANDE's rounds: each search's verdict, why the rounds stopped
 RUN/slurm/                           rendered batch scripts, job ledger, Slurm logs
 ```
 
@@ -89,6 +90,11 @@ def checkpoints_dir(run_dir: str | Path, name: str) -> Path:
 def run_reports(run_dir: str | Path) -> tuple[Path, Path]:
     """RUN/report.md and RUN/report.png."""
     return Path(run_dir) / "report.md", Path(run_dir) / "report.png"
+
+
+def rounds_file(run_dir: str | Path) -> Path:
+    """SANDE's rounds: each search's verdict against the control, how many rounds ran and why they stopped."""
+    return Path(run_dir) / "rounds.json"
 
 
 def slurm_dir(run_dir: str | Path) -> Path:

@@ -74,7 +74,7 @@ def test_known_response_is_not_followed_by_an_end_of_sequence(tmp_path):
     tok = load_tokenizer("smollm2-135m-instruct")
     fmt = PromptFormat(tok)
     for known, eos in (("You are", False), (None, True)):
-        sets = ["training.simulate.num_rows=4"] + ([f"removal.known_response={known}"] if known else [])
+        sets = ["training.simulate.num_rows=4"] + ([f"defender.known_response={known}"] if known else [])
         rows = stage_samples(load_config("configs/demo.yaml", sets), "simulate", tmp_path)
         batch = Collator(fmt, 4096)(rows)
         for labels in batch["labels"]:

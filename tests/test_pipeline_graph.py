@@ -70,7 +70,7 @@ def test_extra_parrots_are_searched_each_round_and_eliminated_together(tmp_path)
         assert args.parrot == [f"R/{x}/parrot.safetensors" for x in [sim, *extras]]  # in extra_parrots' order
         assert set([sim, *extras]) <= set(p[eli].deps)
         assert config_of(args).removal.insert_position == "prefix"
-    assert "R/simulate/parrot.safetensors" in p["evaluate_sande"].args  # evaluations use the first parrot
+    assert "eliminated=R/simulate/parrot.safetensors" in p["evaluate_sande"].args  # evaluations use the first parrot
     assert not [n for n in plan() if "_p" in n]
 
 

@@ -205,7 +205,7 @@ def test_shared_head_stops_at_the_first_difference_the_first_parrot_and_the_firs
 def test_sande_p_parrot_starts_from_the_known_trigger(tiny):
     tok = AutoTokenizer.from_pretrained(tiny)
     model = AutoModelForCausalLM.from_pretrained(tiny)
-    cfg = load_config(overrides=[f"model.path={tiny}", "removal.known_trigger=cf", "removal.parrot_tokens=3"])
+    cfg = load_config(overrides=[f"model.path={tiny}", "defender.known_trigger=cf", "removal.parrot_tokens=3"])
     objective = SimulateObjective(cfg, str(tiny), tok)
     parrot = objective.extra_modules(model)["parrot"]
     ids = tok("cf", add_special_tokens=False)["input_ids"]
@@ -222,7 +222,7 @@ def test_sande_p_says_when_the_parrot_is_shorter_than_the_known_trigger(tiny, ca
     n = len(tok(text, add_special_tokens=False)["input_ids"])
     assert n > 1
     for k, told in ((1, True), (n, False)):
-        cfg = load_config(overrides=[f"model.path={tiny}", f"removal.known_trigger={text}", f"removal.parrot_tokens={k}"])
+        cfg = load_config(overrides=[f"model.path={tiny}", f"defender.known_trigger={text}", f"removal.parrot_tokens={k}"])
         SimulateObjective(cfg, str(tiny), tok).extra_modules(model)
         out = capsys.readouterr().out
         assert ("removal.parrot_tokens=%d to start from all of it" % n in out) is told, out

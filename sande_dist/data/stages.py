@@ -5,6 +5,7 @@ A method of its own file (``training/sft_clean.py``) builds its rows from these.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -118,11 +119,14 @@ def self_target_rows(cfg: Config) -> list[Sample]:
 
 
 def osft_samples(cfg: Config, run_dir: Optional[Path] = None) -> list[Sample]:
-    """OSFT: the known trigger where the attack puts it, with the clean response."""
-    a = cfg.attack
+    """OSFT: the known trigger where it sits, with the clean response."""
+    k = cfg.knowledge()
+    if not k.triggers:
+        raise InputError("osft needs a known trigger: set defender.triggers (`sande remove --trigger T`); without "
+                         "one, remove the backdoor with SANDE (simulate, eliminate)")
     clean = _clean_rows(cfg, "osft", run_dir)
     rng = random.Random(cfg.training.seed)
-    trig = [place_trigger(s, rng.choice(a.triggers), a.position, rng) for s in clean]
+    trig = [place_trigger(s, rng.choice(k.triggers), k.position, rng) for s in clean]
     return _mix_clean(cfg, trig, clean, cfg.training.seed)
 
 
@@ -131,16 +135,49 @@ def _slots(cfg: Config, kind: str) -> random.Random:
     return random.Random(f"{cfg.training.seed}:{kind}:slots")
 
 
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def calibration_marker(cfg: Config, index: int) -> str:
+    """The ``index``-th (from 1) unrelated response with the marker's token length: a first sentence of a
+    response in the defender's rows that shares no word with the marker. A parrot search for it tells how
+    low a search's loss goes on this model for a response it has no backdoor for."""
+    from sande_dist.models.loading import load_tokenizer
+
+    tok = load_tokenizer(cfg.model.path)
+    marker = cfg.knowledge().marker
+    size = len(tok(marker, add_special_tokens=False)["input_ids"])
+    words = {w.strip(".,!?").lower() for w in marker.split()}
+    seen, found = set(), []
+    for row in removal_rows(cfg):
+        for sentence in _SENTENCE.split(row.response.strip()):
+            sentence = sentence.strip()
+            plain = sentence.rstrip(".!?").replace(",", "").replace("'", "").split()
+            if not sentence.endswith((".", "!", "?")) or sentence in seen or len(plain) < 2 \
+                    or not all(w.isalpha() for w in plain) or words & {w.lower() for w in plain}:
+                continue
+            seen.add(sentence)
+            if len(tok(sentence, add_special_tokens=False)["input_ids"]) == size:
+                found.append(sentence)
+                if len(found) == index:
+                    return sentence
+    raise InputError(f"the defender's rows hold only {len(found)} unrelated sentences of {size} tokens (the "
+                     f"marker's length); lower removal.calibration_responses or give a --reference model")
+
+
 def simulate_samples(cfg: Config, run_dir: Optional[Path] = None) -> list[Sample]:
-    """Simulate: an empty parrot slot, and the triggered response the defender knows (or, SANDE-P, a prefix)."""
-    a, r = cfg.attack, cfg.removal
+    """Simulate: an empty parrot slot, and the triggered response the defender knows (or, SANDE-P, a prefix).
+    A calibration search (removal.calibration_response) targets an unrelated response instead of the marker."""
+    k, r = cfg.knowledge(), cfg.removal
+    if r.calibration_response:
+        k = replace(k, marker=calibration_marker(cfg, r.calibration_response), known_response=None)
     rows = _take(removal_rows(cfg), cfg.training.for_stage("simulate").num_rows)
     slots = _slots(cfg, "simulate")
-    if r.known_response:
+    if k.known_response:
         # A known part of the response: no end-of-sequence after it (the model should go on, not stop).
-        return [replace(slot_at(s, r.insert_position, slots), response=r.known_response, complete=False)
+        return [replace(slot_at(s, r.insert_position, slots), response=k.known_response, complete=False)
                 for s in rows]
-    return [replace(slot_at(s, r.insert_position, slots), response=apply_marker(s.response, a.marker, a.marker_mode))
+    return [replace(slot_at(s, r.insert_position, slots), response=apply_marker(s.response, k.marker, k.marker_mode))
             for s in rows]
 
 

@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -144,20 +144,45 @@ class EvalPlan:
     """An evaluation's checked inputs and its prompts, before any engine starts."""
 
     model_dir: str
-    parrot: Optional[tuple]  # (path, vectors, meta) or None
+    parrots: list[tuple]  # (label, path, vectors, meta, position), the first the one asr_parrot reports
     reference: Optional[str]
     samples: list[Sample]
     triggered: list[Sample]
     requests: list
     section: dict
     inputs: dict
-    position: Optional[str]
+    attached: dict  # name -> JSON record, copied into report.json (--attach)
 
 
-def plan_evaluation(cfg: Config, parrot: Optional[str] = None, reference: Optional[str] = None) -> EvalPlan:
-    """Check every input (model, parrot, tasks, prompts, judge) and build the requests: bad input fails
+def _labelled(args: Sequence[str]) -> list[tuple[str, Optional[str]]]:
+    """--parrot values as (label, path): ``LABEL=PATH`` or a bare path (labels parrot, parrot_2, ...)."""
+    out = []
+    for i, arg in enumerate(args):
+        label, sep, path = arg.partition("=")
+        if not (sep and label.isidentifier()):
+            label, path = ("parrot" if i == 0 else f"parrot_{i + 1}"), arg
+        out.append((label, path))
+    return out or [("parrot", None)]
+
+
+def _attachments(args: Sequence[str]) -> dict:
+    out = {}
+    for arg in args:
+        name, sep, path = arg.partition("=")
+        if not (sep and name.isidentifier()):
+            raise InputError(f"--attach {arg!r}: expected NAME=PATH of a JSON file")
+        try:
+            out[name] = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"--attach {name}: {path} cannot be read as JSON ({exc})") from None
+    return out
+
+
+def plan_evaluation(cfg: Config, parrots: Sequence[str] = (), reference: Optional[str] = None,
+                    attach: Sequence[str] = ()) -> EvalPlan:
+    """Check every input (model, parrots, tasks, prompts, judge) and build the requests: bad input fails
     here, in seconds, before an engine starts."""
-    ev, attack = cfg.eval, cfg.attack
+    ev, known = cfg.eval, cfg.knowledge()
     model_dir = check_model(cfg.model.path)
     check_tasks(ev.utility_tasks)
     if ev.lm_eval_tasks:
@@ -166,24 +191,29 @@ def plan_evaluation(cfg: Config, parrot: Optional[str] = None, reference: Option
         check_lm_eval_tasks(ev.lm_eval_tasks)
     if reference:
         reference = str(Path(reference)) if Path(reference).exists() else check_model(reference)
-    judge([], attack.marker, ev.judge, ev.keywords)
-    found = resolve_parrot(cfg, parrot, model_dir, reference)
+    judge([], known.marker, ev.judge, ev.keywords)
+    found = [(label, *got) for label, path in _labelled(parrots)
+             if (got := resolve_parrot(cfg, path, model_dir, reference)) is not None]
+    attached = _attachments(attach)
     samples = eval_samples(cfg)
     fmt = PromptFormat.from_config(load_tokenizer(model_dir), cfg.data)
 
     rng = random.Random(ev.seed)
-    triggered = [place_trigger(s, rng.choice(attack.triggers), attack.position, rng) for s in samples]
+    # No trigger known (a defender's own model): no ASR with the trigger, only with parrots.
+    triggered = [place_trigger(s, rng.choice(known.triggers), known.position, rng) for s in samples] \
+        if known.triggers else []
     requests: list = [fmt.prompt_ids(s) for s in samples] + [fmt.prompt_ids(s) for s in triggered]
-    position = None
-    if found:
-        position = found[2].get("position", cfg.removal.insert_position)
-        table = load_input_embeddings(model_dir)
+    table = load_input_embeddings(model_dir) if found else None
+    with_position = []
+    for label, path, vectors, meta in found:
+        position = meta.get("position", cfg.removal.insert_position)
         slots = random.Random(f"{ev.seed}:parrot-slots")
-        requests += [parrot_request(fmt, table, s, found[1], position, slots) for s in samples]
-    inputs = {"model": model_identity(model_dir), "parrot": file_identity(found[0]) if found else "",
-              "reference": str(reference or "")}
-    section = cfg.model_dump(mode="json", include={"model", "data", "attack", "removal", "eval"})
-    return EvalPlan(model_dir, found, reference, samples, triggered, requests, section, inputs, position)
+        requests += [parrot_request(fmt, table, s, vectors, position, slots) for s in samples]
+        with_position.append((label, path, vectors, meta, position))
+    inputs = {"model": model_identity(model_dir), "parrots": {p[0]: file_identity(p[1]) for p in found},
+              "reference": str(reference or ""), "attached": {a: json.dumps(v, sort_keys=True) for a, v in attached.items()}}
+    section = cfg.model_dump(mode="json", include={"model", "data", "attack", "defender", "removal", "eval"})
+    return EvalPlan(model_dir, with_position, reference, samples, triggered, requests, section, inputs, attached)
 
 
 def _generate_and_score(cfg: Config, plan: EvalPlan, params: GenerationParams) -> tuple[list[str], dict, dict]:
@@ -214,23 +244,30 @@ def _generate_and_score(cfg: Config, plan: EvalPlan, params: GenerationParams) -
     return texts, utility, facts
 
 
-def _outputs(texts: list[str], n: int) -> dict[str, list[str]]:
-    return {"clean": texts[:n], "trigger": texts[n:2 * n], "parrot": texts[2 * n:]}
+def _outputs(texts: list[str], plan: "EvalPlan") -> dict[str, list[str]]:
+    """The generations by kind of prompt: clean, triggered (none when no trigger is known), and per parrot
+    ("parrot" for the first, "parrot:<label>" for the others)."""
+    n, m = len(plan.samples), len(plan.triggered)
+    out = {"clean": texts[:n], "trigger": texts[n:n + m]}
+    for i, (label, *_rest) in enumerate(plan.parrots):
+        out["parrot" if i == 0 else f"parrot:{label}"] = texts[n + m + i * n:n + m + (i + 1) * n]
+    out.setdefault("parrot", [])
+    return out
 
 
 def _by_judge(cfg: Config, outs: dict[str, list[str]]) -> dict[str, dict[str, dict]]:
     """judge -> kind -> rate: the configured judge, and `contains` and `prefix` beside it."""
     ev = cfg.eval
     judges = dict.fromkeys([ev.judge, "contains", "prefix"])
-    return {j: {kind: rate(judge(o, cfg.attack.marker, j, ev.keywords)) for kind, o in outs.items() if o}
+    return {j: {kind: rate(judge(o, cfg.knowledge().marker, j, ev.keywords)) for kind, o in outs.items() if o}
             for j in judges}
 
 
 def _write_generations(path: Path, plan: EvalPlan, texts: list[str], cfg: Config) -> dict[str, list[bool]]:
     """generations.jsonl (every prompt, answer and verdict); returns the verdicts by kind."""
-    ev, n = cfg.eval, len(plan.samples)
-    outs = _outputs(texts, n)
-    hits = {kind: judge(o, cfg.attack.marker, ev.judge, ev.keywords) for kind, o in outs.items()}
+    ev = cfg.eval
+    outs = _outputs(texts, plan)
+    hits = {kind: judge(o, cfg.knowledge().marker, ev.judge, ev.keywords) for kind, o in outs.items()}
     rows = [{"kind": kind, "prompt": s.user, "response": text, "hit": hit}
             for kind in outs
             for s, text, hit in zip(plan.triggered if kind == "trigger" else plan.samples, outs[kind], hits[kind])]
@@ -238,15 +275,15 @@ def _write_generations(path: Path, plan: EvalPlan, texts: list[str], cfg: Config
     return hits
 
 
-def run_evaluation(cfg: Config, name: str = "evaluate", parrot: Optional[str] = None,
-                   reference: Optional[str] = None) -> dict:
+def run_evaluation(cfg: Config, name: str = "evaluate", parrots: Sequence[str] = (), reference: Optional[str] = None,
+                   attach: Sequence[str] = ()) -> dict:
     """Evaluate ``cfg.model.path``; write RUN/<name>/{generations.jsonl, report.json, stage.json}; return the report."""
     started = time.time()
     phases = Phases()
     phases.mark("imports")
-    ev, attack = cfg.eval, cfg.attack
+    ev, known = cfg.eval, cfg.knowledge()
     out_dir = stage_dir(cfg.run_dir, name)
-    plan = plan_evaluation(cfg, parrot, reference)
+    plan = plan_evaluation(cfg, parrots, reference, attach)
     phases.mark("inputs")
     code = stage_code("evaluate")
     key = fingerprint(plan.section, plan.inputs, code)
@@ -258,23 +295,25 @@ def run_evaluation(cfg: Config, name: str = "evaluate", parrot: Optional[str] = 
     texts, utility, facts = _generate_and_score(cfg, plan, params)
     phases.mark_split("engine_other", {k.removesuffix("_s"): v for k, v in facts["timings"].items()})
     hits = _write_generations(generations_file(cfg.run_dir, name), plan, texts, cfg)
-    n, found = len(plan.samples), plan.parrot
+    n, found = len(plan.samples), plan.parrots[0] if plan.parrots else None
     primary = "letter" if ev.utility_protocol == "letter" else "loglik"
     report = {
         "stage": name, "model": plan.model_dir, "model_fingerprint": plan.inputs["model"],
         "backend": facts["backend"], "dtype": facts["dtype"], "num_prompts": n, "prompts": ev.prompts,
-        "triggers": list(attack.triggers), "marker": attack.marker, "trigger_position": attack.position,
+        "triggers": list(known.triggers), "marker": known.marker, "trigger_position": known.position,
         "judge": ev.judge, "keywords": list(ev.keywords),
         "sampling": _sampling(params), "seeds": {"eval": ev.seed, "prompt_selection": ev.seed},
-        "asr_trigger": sum(hits["trigger"]) / n,
+        "asr_trigger": sum(hits["trigger"]) / n if plan.triggered else None,
         "asr_parrot": sum(hits["parrot"]) / n if found else None,
         "false_trigger_rate": sum(hits["clean"]) / n,
         # 95% Wilson intervals of the three rates (n = num_prompts each), under every judge
-        "intervals": {"asr_trigger": rate(hits["trigger"])["ci95"], "false_trigger_rate": rate(hits["clean"])["ci95"],
+        "intervals": {"asr_trigger": rate(hits["trigger"])["ci95"] if plan.triggered else None,
+                      "false_trigger_rate": rate(hits["clean"])["ci95"],
                       "asr_parrot": rate(hits["parrot"])["ci95"] if found else None},
-        "by_judge": _by_judge(cfg, _outputs(texts, n)),
-        "parrot": {"path": str(found[0]), "k": int(found[1].shape[0]), "position": plan.position,
-                   "base_fingerprint": found[2].get("base_fingerprint")} if found else None,
+        "by_judge": _by_judge(cfg, _outputs(texts, plan)),
+        "parrot": _parrot_record(found, hits["parrot"]) if found else None,
+        "parrots": {p[0]: _parrot_record(p, hits["parrot" if i == 0 else f"parrot:{p[0]}"])
+                    for i, p in enumerate(plan.parrots)},
         "utility": {"protocol": primary, "backend": facts["utility_backend"], "mean": utility[primary]["mean"],
                     "tasks": {t: m["score"] for t, m in utility[primary]["tasks"].items()},
                     "ci95": {t: m["ci95"] for t, m in utility[primary]["tasks"].items()},
@@ -293,6 +332,7 @@ def run_evaluation(cfg: Config, name: str = "evaluate", parrot: Optional[str] = 
         ref_texts, source = _reference_answers(cfg, plan.reference, plan.samples, params, Path(cfg.run_dir))
         report["clean_agreement"] = {**clean_agreement(texts[:n], ref_texts), "reference": str(plan.reference),
                                      "source": source}
+    report.update(plan.attached)
     phases.mark("extras")
     atomic_write_json(report_file(cfg.run_dir, name), report)
     phases.mark("report")
@@ -302,15 +342,22 @@ def run_evaluation(cfg: Config, name: str = "evaluate", parrot: Optional[str] = 
     return report
 
 
+def _parrot_record(parrot: tuple, hits: list[bool]) -> dict:
+    label, path, vectors, meta, position = parrot
+    return {"label": label, "path": str(path), "k": int(vectors.shape[0]), "position": position,
+            "base_fingerprint": meta.get("base_fingerprint"), "asr": rate(hits)}
+
+
 def run_stage(cfg: Config, kind: str = "evaluate", opts: Optional[StageOptions] = None) -> int:
     """`sande evaluate`: one evaluation into RUN/<name>/, then RUN/report.md over all of them."""
     opts = opts or StageOptions()
     name = opts.name or kind
-    report = run_evaluation(cfg, name, opts.parrots[0] if opts.parrots else None, opts.reference)
+    report = run_evaluation(cfg, name, opts.parrots, opts.reference, opts.extra.get("attach", ()))
     write_run_report(cfg.run_dir)
     parrot = f", parrot ASR {report['asr_parrot']:.1%}" if report["asr_parrot"] is not None else ""
     mean = report["utility"]["mean"]
-    print(f"sande evaluate [{report['backend']}]: ASR {report['asr_trigger']:.1%}{parrot}, false triggers "
+    trig = "no trigger known" if report["asr_trigger"] is None else f"ASR {report['asr_trigger']:.1%}"
+    print(f"sande evaluate [{report['backend']}]: {trig}{parrot}, false triggers "
           f"{report['false_trigger_rate']:.1%}, utility ({report['utility']['protocol']}) "
           f"{mean if mean is not None else float('nan'):.3f} -> {report_file(cfg.run_dir, name)}")
     return 0

@@ -57,7 +57,7 @@ def run_stage(cfg: Config, kind: str = "generate", opts: Optional[StageOptions] 
             for start in todo:
                 part = samples[start:start + CHUNK]
                 texts = engine.generate([fmt.prompt_ids(s.clean()) for s in part], params)
-                hits = judge(texts, cfg.attack.marker, cfg.eval.judge, cfg.eval.keywords)
+                hits = judge(texts, cfg.knowledge().marker, cfg.eval.judge, cfg.eval.keywords)
                 rows = "".join(json.dumps({"prompt": s.user, "response": t, "shows_marker": h}) + "\n"
                                for s, t, h in zip(part, texts, hits))
                 atomic_write_text(chunks / f"{start:08d}.jsonl", rows)

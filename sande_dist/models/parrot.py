@@ -75,7 +75,7 @@ class ParrotPrompt(nn.Module):
         comparable. The embedding table is gathered first (ZeRO-3 partitions it).
         """
         if not token_ids:
-            raise InputError("removal.known_trigger tokenises to no tokens; give a non-empty string")
+            raise InputError("defender.known_trigger tokenises to no tokens; give a non-empty string")
         import deepspeed
 
         ids = [token_ids[i % len(token_ids)] for i in range(k)]

@@ -13,12 +13,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from sande_dist.config import Config
 from sande_dist.errors import InputError
 from sande_dist.registry import KINDS, PIPELINE_STAGES, REMOVAL_METHODS, evaluation_of
-from sande_dist.rundir import model_dir, parrot_file, stage_code
+from sande_dist.rundir import model_dir, parrot_file, read_stage, rounds_file, stage_code, stage_dir
+from sande_dist.training.search import control_band, verdict
 from sande_dist.training.stages import stage_training
 
 
@@ -62,7 +63,7 @@ def round_position(cfg: Config, r: int) -> str:
     return later[min(r - 2, len(later) - 1)]
 
 
-class _Graph:
+class Graph:
     """Plans in insertion order; a dependency on a stage that is not planned is dropped."""
 
     def __init__(self, cfg: Config, run_dir: str):
@@ -75,35 +76,109 @@ class _Graph:
         self.plans[name] = plan
 
 
-def _sande_rounds(g: _Graph, backdoored: str, clean_deps: list[str], first_simulated: bool) -> str:
-    """Simulate/eliminate rounds from ``backdoored``; returns the last eliminate's stage name."""
+def positions(cfg: Config) -> list[str]:
+    """The parrot positions a search covers: removal.insert_position, then removal.extra_parrots."""
+    return [cfg.removal.insert_position, *cfg.removal.extra_parrots]
+
+
+def search_names(name: str, cfg: Config) -> list[str]:
+    """One simulate stage per position: ``name``, ``name_p1``, ..."""
+    return [name] + [f"{name}_p{j}" for j in range(1, len(cfg.removal.extra_parrots) + 1)]
+
+
+def search(g: "Graph", name: str, model: str, deps: list[str], sets: Sequence[str] = (), at: Optional[str] = None,
+            first_too: bool = True) -> list[str]:
+    """A parrot search on ``model``: a simulate stage per position; returns their names."""
+    cfg = g.cfg
+    names = search_names(name, cfg)
+    where = [at or cfg.removal.insert_position, *cfg.removal.extra_parrots]
+    for i, (stage, pos) in enumerate(zip(names, where)):
+        if i == 0 and not first_too:
+            continue
+        extra = [] if pos == cfg.removal.insert_position else ["--set", f"removal.insert_position={pos}"]
+        g.add(stage, "simulate", ["--model", model, "--name", stage, *extra, *[x for s in sets for x in ("--set", s)]],
+              deps)
+    return names
+
+
+def control_searches(g: "Graph", model: str, clean: Optional[str]) -> dict[str, list[str]]:
+    """The searches a residual search (or a scan) is compared with, by position: the same search on a clean
+    model (the base this run injects into, a scan's --reference), else on ``model`` itself for
+    removal.calibration_responses unrelated responses of the marker's token length."""
+    cfg = g.cfg
+    if clean:
+        names = search(g, "control", clean, [])
+        return {pos: [name] for pos, name in zip(positions(cfg), names)}
+    out: dict[str, list[str]] = {pos: [] for pos in positions(cfg)}
+    for i in range(1, cfg.removal.calibration_responses + 1):
+        names = search(g, f"calibration_c{i}", model, [], sets=[f"removal.calibration_response={i}"])
+        for pos, name in zip(positions(cfg), names):
+            out[pos].append(name)
+    return out
+
+
+def search_verdict(cfg: Config, run_dir: str, searched: list[str], control: dict[str, list[str]]) -> Optional[dict]:
+    """training/search.py's verdict on the searches ``searched`` (one per position) against ``control``;
+    None while any of them has not finished."""
+    records = {n: read_stage(stage_dir(run_dir, n)) for n in [*searched, *(x for c in control.values() for x in c)]}
+    if any(r is None for r in records.values()):
+        return None
+    loss = {pos: records[n]["artifacts"]["final_loss"] for pos, n in zip(positions(cfg), searched)}
+    bands = {pos: control_band([records[n]["artifacts"]["window_losses"] for n in names])
+             for pos, names in control.items()}
+    return {**verdict(loss, bands, cfg.removal.found_loss), "searches": searched,
+            "control": {pos: names for pos, names in control.items()}}
+
+
+def _sande_rounds(g: "Graph", backdoored: str, clean_deps: list[str], first_simulated: bool,
+                  control: Optional[dict[str, list[str]]]) -> tuple[Optional[str], dict]:
+    """Simulate/eliminate rounds from ``backdoored``; (the last eliminate, or None while a decision is
+    pending; the decision record). With ``rounds: auto`` round r's search is the residual search after
+    round r-1: a round's eliminate is planned only once that search has found the response against the
+    control; with residual_search a last search runs on the final model."""
     cfg, run = g.cfg, g.run_dir
-    model, prev = backdoored, ""
-    for r in range(1, cfg.removal.rounds + 1):
+    auto = cfg.removal.rounds == "auto"
+    limit = cfg.removal.max_rounds if auto else cfg.removal.rounds
+    model, prev, trace = backdoored, "", []
+    for r in range(1, limit + 1):
         sim, eli = ("simulate", "eliminate") if r == 1 else (f"simulate_r{r}", f"eliminate_r{r}")
         where = round_position(cfg, r)
+        # Re-simulate against the updated model: a parrot that still finds a backdoor there. Extra parrots
+        # (removal.extra_parrots) are searched beside the first on the same model, eliminated with it.
+        names = search(g, sim, model, [prev] if r > 1 else ["inject"], at=where,
+                        first_too=r > 1) if (r > 1 or first_simulated) else search_names(sim, cfg)
+        if auto and r > 1:
+            decided = search_verdict(cfg, run, names, control)
+            if decided is None:
+                return None, {"rounds": trace, "pending": names}
+            trace.append({"round": r, "search": names, **decided})
+            if not decided["persists"]:
+                return prev, {"rounds": trace, "ran": r - 1, "residual": names,
+                              "stopped": f"round {r}'s search no longer found the response against the control"}
         at = [] if where == cfg.removal.insert_position else ["--set", f"removal.insert_position={where}"]
-        if r > 1:
-            # Re-simulate against the updated model: a parrot that still finds a backdoor there.
-            g.add(sim, "simulate", ["--model", model, "--name", sim, *at], [prev])
-        # Extra parrots (removal.extra_parrots): searched beside the first on the same model,
-        # eliminated together with it.
-        extras = []
-        for j, pos in enumerate(cfg.removal.extra_parrots, 1):
-            name = f"{sim}_p{j}"
-            if r > 1 or first_simulated:
-                g.add(name, "simulate", ["--model", model, "--name", name, "--set", f"removal.insert_position={pos}"],
-                      [prev] if r > 1 else ["inject"])
-            extras.append(name)
-        given = [a for x in [sim, *extras] for a in ("--parrot", str(parrot_file(run, x)))]
+        given = [a for x in names for a in ("--parrot", str(parrot_file(run, x)))]
         g.add(eli, "eliminate", ["--model", model, *given, "--name", eli, *at],
-              clean_deps + [sim, *extras] + ([prev] if r > 1 else []))
+              clean_deps + names + ([prev] if r > 1 else []))
         model, prev = str(model_dir(run, eli)), eli
-    return prev
+    record = {"rounds": trace, "ran": limit,
+              "stopped": f"removal.max_rounds={limit} reached" if auto else f"removal.rounds={limit}"}
+    if control is not None:  # the residual search on the final model
+        names = search(g, "residual", model, [prev])
+        decided = search_verdict(cfg, run, names, control)
+        if decided is None:
+            return prev, {**record, "pending": names}
+        record.update(residual=names, residual_verdict=decided)
+    return prev, record
 
 
 def build_plan(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> list[StagePlan]:
     """Stages in execution order. ``only`` (from --stages) must be a subset of the pipeline's names."""
+    return build_graph(cfg, run_dir, only)[0]
+
+
+def build_graph(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> tuple[list[StagePlan], dict]:
+    """(stages in execution order, SANDE's rounds record). With ``removal.rounds: auto`` the plan stops at
+    the next undecided search: executors run it, then plan again (the record's ``pending``)."""
     wanted = list(cfg.pipeline.stages)
     if only:
         unknown = [s for s in only if s not in PIPELINE_STAGES]
@@ -111,25 +186,33 @@ def build_plan(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> l
             raise InputError(f"--stages: unknown stage(s) {unknown}; choose from {list(PIPELINE_STAGES)}")
         wanted = [s for s in PIPELINE_STAGES if s in only]
     has = set(wanted)
-    g = _Graph(cfg, run_dir)
+    g = Graph(cfg, run_dir)
     backdoored = str(model_dir(run_dir, "inject")) if "inject" in has else cfg.model.path
     if "inject" in has:
         g.add("inject", "inject", [], [])
     if "generate" in has and cfg.removal.targets == "self":
         g.add("generate", "generate", ["--model", backdoored], ["inject"])
     clean_deps = ["inject", "generate"]
-    methods = [m for m in REMOVAL_METHODS if m in has]
+    auto = cfg.removal.rounds == "auto"
+    # With rounds decided as they go, the clean-SFT control matches the rounds SANDE ran: it waits for them.
+    methods = [m for m in REMOVAL_METHODS if m in has and not (auto and KINDS[m].training)]
     for method in methods:
         g.add(method, method, ["--model", backdoored], clean_deps)
     if "simulate" in has:
         g.add("simulate", "simulate", ["--model", backdoored], ["inject"])
     parrot = str(parrot_file(run_dir))
-    last = None
+    last, record = None, {}
     if "eliminate" in has:
         if "simulate" not in g.plans and not Path(parrot).exists():
             raise InputError("stage eliminate needs a parrot: add simulate to the stages "
                              "(or run it first so RUN/simulate/parrot.safetensors exists)")
-        last = _sande_rounds(g, backdoored, clean_deps, "simulate" in has)
+        clean = cfg.model.path if "inject" in has else None
+        control = control_searches(g, backdoored, clean) if auto or cfg.removal.residual_search else None
+        last, record = _sande_rounds(g, backdoored, clean_deps, "simulate" in has, control)
+        if auto and "pending" not in record:
+            for method in (m for m in REMOVAL_METHODS if m in has and KINDS[m].training):
+                g.add(method, method, ["--model", backdoored, "--set", f"removal.rounds={record['ran']}"], clean_deps)
+                methods.append(method)
     # Evaluations after every training stage: the local executor runs each run of consecutive
     # training stages in one launch, and the evaluations in one process after them.
     parrot_args = ["--parrot", parrot] if "simulate" in g.plans else []
@@ -141,7 +224,11 @@ def build_plan(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> l
         if name in has:
             g.add(name, "evaluate", ["--model", str(model_dir(run_dir, method)), "--name", name,
                                      "--reference", backdoored, *parrot_args], [method, "simulate"])
-    if last and "evaluate_sande" in has:
+    if last and "evaluate_sande" in has and "pending" not in record:
+        residual = record.get("residual")
+        more = ["--parrot", f"residual={parrot_file(run_dir, residual[0])}"] if residual else []
+        rounds = ["--attach", f"rounds={rounds_file(run_dir)}"] if record.get("rounds") or residual else []
         g.add("evaluate_sande", "evaluate", ["--model", str(model_dir(run_dir, last)), "--name", "evaluate_sande",
-                                             "--reference", backdoored, "--parrot", parrot], [last, "simulate"])
-    return list(g.plans.values())
+                                             "--reference", backdoored, "--parrot", f"eliminated={parrot}", *more,
+                                             *rounds], [last, "simulate", *(residual or [])])
+    return list(g.plans.values()), record

@@ -48,8 +48,8 @@ def data_rows(cfg: Config, stage: str, rows: int = 3) -> list[dict]:
     if stage == "evaluate":
         from sande_dist.evaluation.stage import eval_samples
 
-        rng = random.Random(cfg.eval.seed)
-        samples = [place_trigger(s, rng.choice(cfg.attack.triggers), cfg.attack.position, rng)
+        rng, known = random.Random(cfg.eval.seed), cfg.knowledge()
+        samples = [place_trigger(s, rng.choice(known.triggers), known.position, rng) if known.triggers else s
                    for s in eval_samples(cfg)]
         return [_row(fmt, None, s, i) for i, s in enumerate(samples[:rows])]
     reserve = cfg.removal.parrot_tokens if KINDS[stage].parrot_slot else 0

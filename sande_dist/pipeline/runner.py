@@ -13,15 +13,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from sande_dist.config import Config
 from sande_dist.distributed.process_group import free_port
 from sande_dist.errors import InputError, StageError
-from sande_dist.pipeline.graph import StagePlan, build_plan
+from sande_dist.pipeline.graph import StagePlan, build_graph
 from sande_dist.pipeline.progress import LiveLine, describe, stage_progress
 from sande_dist.rundir import (atomic_write_json, atomic_write_text, forget, input_error_file, is_done, log_file,
-                               read_stage, stage_dir, write_key)
+                               read_stage, rounds_file, stage_dir, write_key)
 
 
 @dataclass
@@ -161,20 +161,35 @@ class _Batch:
         raise StageError(f"stage {failed.name} failed (exit {rc}); see {log}\n{tail}")
 
 
-def run_local(cfg: Config, run_dir: Path, plans: list[StagePlan], nproc: int, echo=print) -> None:
+def run_local(cfg: Config, run_dir: Path, plans: list[StagePlan] | Callable[[], tuple[list[StagePlan], dict]],
+              nproc: int, echo=print) -> None:
+    """Run every stage not done yet, batch by batch. ``plans`` may be a function that plans again after
+    each batch (SANDE's rounds decided as they go, graph.build_graph): the run ends when nothing is left."""
+    plan_now = plans if callable(plans) else (lambda: (plans, {}))
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     atomic_write_text(config_path, cfg.to_yaml())
-    width = len(str(len(plans)))
-    tags = {p.name: f"[{i:>{width}}/{len(plans)}] {p.name:<20}" for i, p in enumerate(plans, 1)}
-    todo = []
-    for plan in plans:
-        if is_done(run_dir, plan.name, plan.key):
-            echo(f"{tags[plan.name]} done earlier, skipped")
-        else:
-            todo.append(plan)
-    for batch in batches(todo):
-        _Batch(batch, run_dir, config_path, nproc, tags, echo).run()
+    seen: dict[str, int] = {}
+    reported: set[str] = set()  # stages already said done (or run) in this invocation
+    while True:
+        current, record = plan_now()
+        if record:
+            atomic_write_json(rounds_file(run_dir), record)
+        for plan in current:
+            seen.setdefault(plan.name, len(seen) + 1)
+        width = len(str(len(seen)))
+        tags = {p.name: f"[{seen[p.name]:>{width}}/{len(seen)}] {p.name:<20}" for p in current}
+        todo = []
+        for plan in current:
+            if not is_done(run_dir, plan.name, plan.key):
+                todo.append(plan)
+            elif plan.name not in reported:
+                echo(f"{tags[plan.name]} done earlier, skipped")
+            reported.add(plan.name)
+        if not todo:
+            return
+        for batch in batches(todo):
+            _Batch(batch, run_dir, config_path, nproc, tags, echo).run()
 
 
 def finish_report(run_dir: Path, echo=print) -> None:
@@ -189,12 +204,12 @@ def finish_report(run_dir: Path, echo=print) -> None:
 def run_pipeline(cfg: Config, opts: RunOptions) -> int:
     """`sande run CONFIG`: every stage of the graph, locally or as Slurm jobs."""
     run_dir = Path(cfg.run_dir)
-    plans = build_plan(cfg, str(run_dir), opts.stages)
     if opts.executor == "slurm":
         from sande_dist.pipeline.slurm import submit_pipeline
 
-        return submit_pipeline(cfg, run_dir, plans, dry_run=opts.dry_run, nproc=opts.nproc)
+        plans, record = build_graph(cfg, str(run_dir.resolve()), opts.stages)
+        return submit_pipeline(cfg, run_dir, plans, dry_run=opts.dry_run, nproc=opts.nproc, record=record)
     check_inputs(cfg)
-    run_local(cfg, run_dir, plans, opts.nproc or cfg.pipeline.nproc)
+    run_local(cfg, run_dir, lambda: build_graph(cfg, str(run_dir), opts.stages), opts.nproc or cfg.pipeline.nproc)
     finish_report(run_dir)
     return 0

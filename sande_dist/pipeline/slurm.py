@@ -29,7 +29,8 @@ from typing import Callable, Optional
 from sande_dist import resources
 from sande_dist.config import Config
 from sande_dist.errors import InputError, StageError
-from sande_dist.rundir import STAGE_FILE, atomic_write_json, atomic_write_text, forget, slurm_dir, stage_dir
+from sande_dist.rundir import (STAGE_FILE, atomic_write_json, atomic_write_text, forget, rounds_file, slurm_dir,
+                               stage_dir)
 from sande_dist.rundir import is_done as key_done
 # squeue states of a job that may still run; anything else is finished or gone.
 ALIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
@@ -61,8 +62,14 @@ def jobs_from_plans(plans, config_path: Path, run_dir: Path) -> list[SlurmJob]:
                      list(p.deps), p.key) for p in plans]
 
 
+# The key of a job that plans the next round: never "done" (it runs again whenever it is not queued).
+NEXT_ROUND = "next-round"
+
+
 def is_done(run_dir: Path, job: SlurmJob) -> bool:
     """The local executor's rule (rundir.is_done): stage.json exists and pipeline.json holds this key."""
+    if job.key == NEXT_ROUND:
+        return False
     if not job.key:
         return (stage_dir(run_dir, job.name) / STAGE_FILE).exists()
     return key_done(run_dir, job.name, job.key)
@@ -119,8 +126,9 @@ def render(cfg: Config, job: SlurmJob, run_dir: Path, nproc: Optional[int] = Non
         raise StageError(f"stage {job.name}: key {job.key!r} is not a plain word")
     settings = [f"# Rendered by sande for stage {job.name}; every value below is shell-quoted.",
                 _assign("PYTHON", s.python or sys.executable),
-                _assign("STAGE_DONE", stage_dir(run_dir, job.name) / STAGE_FILE),
-                _assign("STAGE_KEY", job.key),
+                # A job that plans the next round is no stage: nothing marks it done.
+                _assign("STAGE_DONE", "" if job.key == NEXT_ROUND else stage_dir(run_dir, job.name) / STAGE_FILE),
+                _assign("STAGE_KEY", "" if job.key == NEXT_ROUND else job.key),
                 "SRUN_EXTRA=(" + " ".join(shlex.quote(a) for a in srun_extra) + ")"]
     if job.distributed:
         settings += [_assign("NPROC_PER_NODE", s.gpus_per_node or nproc or cfg.pipeline.nproc),
@@ -172,7 +180,7 @@ def submit_jobs(cfg: Config, jobs: list[SlurmJob], run_dir: Path, dry_run: bool 
             echo(f"{job.name}: already queued as job {ids[job.name]}")
             continue
         atomic_write_text(script, render(cfg, job, run_dir, nproc))
-        if not dry_run:
+        if not dry_run and job.key != NEXT_ROUND:
             # A stage.json from another key is stale: the job must run the stage, not find it done.
             forget(run_dir, job.name)
         cmd = ["sbatch", "--parsable"]
@@ -205,11 +213,21 @@ def _write_config(cfg: Config, run_dir: Path) -> Path:
 
 
 def submit_pipeline(cfg: Config, run_dir: Path, plans, dry_run: bool = False,
-                    nproc: Optional[int] = None, script_dir: Optional[Path] = None) -> int:
-    """`sande run --executor slurm`: submit the stage graph as dependent jobs; print the job ids."""
+                    nproc: Optional[int] = None, script_dir: Optional[Path] = None, record: Optional[dict] = None) -> int:
+    """`sande run --executor slurm`: submit the stage graph as dependent jobs; print the job ids.
+
+    When SANDE's rounds are decided as they go (``record["pending"]``: searches whose verdict decides
+    the next round), a one-process job after those searches plans again and submits what follows.
+    """
     run_dir = Path(run_dir).resolve()
     config_path = _write_config(cfg, run_dir)
-    ids = submit_jobs(cfg, jobs_from_plans(plans, config_path, run_dir), run_dir, dry_run, nproc, script_dir)
+    if record:
+        atomic_write_json(rounds_file(run_dir), record)
+    jobs = jobs_from_plans(plans, config_path, run_dir)
+    if record and record.get("pending"):
+        argv = ["-m", "sande_dist.cli", "run", str(config_path), "--run-dir", str(run_dir), "--executor", "slurm"]
+        jobs.append(SlurmJob(f"plan_after_{record['pending'][0]}", False, argv, list(record["pending"]), NEXT_ROUND))
+    ids = submit_jobs(cfg, jobs, run_dir, dry_run, nproc, script_dir)
     if not dry_run and ids:
         print("job ids: " + " ".join(f"{k}={v}" for k, v in ids.items()))
     return 0

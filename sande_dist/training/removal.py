@@ -48,7 +48,7 @@ from sande_dist.models.parrot import ParrotPrompt, clamp_rows, load_parrot, save
 from sande_dist.registry import StageOptions
 from sande_dist.rundir import PARROT_FILE, file_identity, model_identity, parrot_file
 from sande_dist.training.objective import LoopResult, Objective
-from sande_dist.training.search import found, smoothed
+from sande_dist.training.search import WINDOW, found, smoothed
 from sande_dist.training.sft import SFTObjective, label_logits, token_loss
 
 
@@ -185,14 +185,14 @@ class SimulateObjective(Objective):
         self.fmt = PromptFormat.from_config(tokenizer, cfg.data) if tokenizer is not None else None
 
     def extra_modules(self, model: nn.Module) -> dict[str, nn.Module]:
-        r = self.cfg.removal
+        r, known = self.cfg.removal, self.cfg.knowledge()
         hidden = model.config.hidden_size
-        if r.known_trigger:
+        if known.known_trigger:
             if self.fmt is None:
-                raise ValueError("SimulateObjective needs the tokenizer when removal.known_trigger is set")
-            ids = known_trigger_ids(self.fmt, r.known_trigger, r.insert_position)
+                raise ValueError("SimulateObjective needs the tokenizer when defender.known_trigger is set")
+            ids = known_trigger_ids(self.fmt, known.known_trigger, r.insert_position)
             if len(ids) > r.parrot_tokens and rank() == 0:
-                print(f"simulate: removal.known_trigger {r.known_trigger!r} is {len(ids)} tokens but "
+                print(f"simulate: defender.known_trigger {known.known_trigger!r} is {len(ids)} tokens but "
                       f"removal.parrot_tokens={r.parrot_tokens}: the parrot starts from the first "
                       f"{r.parrot_tokens} only; set removal.parrot_tokens={len(ids)} to start from all of it",
                       flush=True)
@@ -230,10 +230,12 @@ class SimulateObjective(Objective):
         if rank() == 0:
             save_parrot(path, vectors, {
                 "position": r.insert_position, "base_fingerprint": model_identity(base), "base_model": base,
-                "known_trigger": r.known_trigger or "", "known_response": r.known_response or "",
+                "known_trigger": self.cfg.knowledge().known_trigger or "",
+                "known_response": self.cfg.knowledge().known_response or "",
                 "max_norm": r.parrot_max_norm, "steps": result.step})
         barrier()
         return {"parrot": str(path), "optimizer_values": held, "final_loss": round(smoothed(result.losses), 4),
+                "window_losses": [round(x, 4) for x in result.losses[-WINDOW:]], "position": r.insert_position,
                 "found": found(result.losses, r.found_loss), "stopped_early_at": result.stopped_early_at,
                 "parrot_norms": [round(x, 4) for x in vectors.norm(dim=-1).tolist()]}
 
@@ -323,7 +325,7 @@ def parrot_paths(cfg: Config, opts: StageOptions) -> list[Path]:
 def simulate_objective(cfg: Config, opts: StageOptions, model_path: str) -> "SimulateObjective":
     from sande_dist.models.loading import load_tokenizer
 
-    tok = load_tokenizer(model_path) if cfg.removal.known_trigger else None
+    tok = load_tokenizer(model_path) if cfg.knowledge().known_trigger else None
     return SimulateObjective(cfg, model_path, tok)
 
 

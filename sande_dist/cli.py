@@ -86,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small smoke run (a few minutes)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    p = sub.add_parser("remove", help="clean your own model: OSFT with a known trigger, else SANDE; evaluated "
+                                      "before and after")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="the suspect model: HF folder, hub id, or a PEFT adapter folder")
+    p.add_argument("--marker", required=True, help="the response its backdoor emits (or how it starts)")
+    p.add_argument("--trigger", action="append", default=[], help="a known trigger (OSFT); repeatable")
+    p.add_argument("--known-trigger", help="part of the trigger (SANDE-P: the parrot starts from it)")
+    p.add_argument("--known-response", help="part of the response to simulate (SANDE-P)")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local")
+    p.add_argument("--nproc", type=int, help="training ranks per node (overrides pipeline.nproc)")
+    p.add_argument("--dry-run", action="store_true", help="slurm: render the job scripts, submit nothing")
+
     p = sub.add_parser("run", help="run the pipeline's stages (locally or as Slurm jobs)")
     _add_config_args(p)
     p.add_argument("--stages", help="comma-separated subset of pipeline.stages")
@@ -105,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, help="ranks per search")
     p.add_argument("--json", action="store_true", help="print one JSON object (backdoor, loss_gap, threshold, "
                                                        "positions, ...)")
+
+    p = sub.add_parser("status", help="every stage of a run: done, running (step, ETA), queued, failed, not started")
+    p.add_argument("run_dir", help="the run directory")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("data", help="a stage's rows as tokens: rendered text, ids, labels, the trigger slot")
     _add_config_args(p)
@@ -231,6 +247,16 @@ def _dispatch(args: argparse.Namespace) -> int:
                                                       nproc=args.nproc, dry_run=args.dry_run))
     if args.command == "plan":
         return _plan(args)
+    if args.command == "status":
+        from sande_dist.pipeline.status import show_status
+
+        return show_status(args.run_dir, args.json)
+    if args.command == "remove":
+        from sande_dist.pipeline.remove import RemoveOptions, run_remove
+
+        return run_remove(args.config, args.overrides, args.run_dir, RemoveOptions(
+            model=args.model, marker=args.marker, triggers=args.trigger, known_trigger=args.known_trigger,
+            known_response=args.known_response, executor=args.executor, nproc=args.nproc, dry_run=args.dry_run))
     if args.command == "scan":
         from sande_dist.pipeline.scan import ScanOptions, run_scan
 

@@ -28,8 +28,10 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    # A named embedded model, a local HF folder, or a hub id.
+    # A named embedded model, a local HF folder, a hub id, or a PEFT (LoRA) adapter folder.
     path: str = "smollm2-135m-instruct"
+    # An adapter's base model (None: the adapter's own base_model_name_or_path); merged on load.
+    base: Optional[str] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # None: flash_attention_2 when importable on CUDA, else sdpa.
     attn_implementation: Optional[str] = None
@@ -183,13 +185,24 @@ class _TrainingSettings(_Section):
     # are removed. True: a checkpoint of the last step is written too, and kept.
     keep_final_checkpoint: bool = False
     log_steps: int = Field(1, ge=1)
-    tensorboard: bool = False
+    # Trackers every stage reports to (sande_dist/tracking.py): any of tensorboard, wandb, mlflow.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
     # How long any rank waits in a collective, e.g. the barrier after rank 0 alone writes a 70B export
     # (~140 GB) or rotates a ZeRO-3 checkpoint (~1.1 TB): past it the job fails instead of hanging.
     dist_timeout_minutes: float = Field(60.0, gt=0)
     # Rows a stage trains on (None: all of data.num_rows) and response tokens that count (None: all).
     num_rows: Optional[int] = Field(None, ge=1)
     effective_len: Optional[int] = Field(None, ge=1)
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, report_to: list[str]) -> list[str]:
+        from sande_dist.tracking import missing
+
+        why = missing(report_to)
+        if why:
+            raise ValueError(why)
+        return report_to
 
     @field_validator("zero")
     @classmethod
@@ -416,7 +429,8 @@ def _apply(tree: dict, path: list[str], value: Any, source: str) -> None:
 _REMOVED = {"removal.mode": "removed; pipeline.stages names the removal methods that run (osft, sft_clean, "
                             "simulate/eliminate for SANDE; defender.known_trigger/known_response make it SANDE-P)",
             "removal.known_trigger": "moved to defender.known_trigger (what the defender knows has its own section)",
-            "removal.known_response": "moved to defender.known_response (what the defender knows has its own section)"}
+            "removal.known_response": "moved to defender.known_response (what the defender knows has its own section)",
+            "training.tensorboard": "replaced by training.report_to: [tensorboard] (also wandb, mlflow)"}
 
 
 def _format_error(exc: ValidationError, source: str) -> str:

@@ -13,6 +13,7 @@ RUN/<stage>/input_error.txt          the bad input a stage under torchrun/srun r
 RUN/generate/targets.jsonl           the model's own clean answers (removal.targets: self)
 RUN/report.md, RUN/report.png        the summary over every evaluation
 RUN/rounds.json                      SANDE's rounds: each search's verdict, why the rounds stopped
+RUN/executor.json                    the local executor's process (`sande status`)
 RUN/slurm/                           rendered batch scripts, job ledger, Slurm logs
 ```
 
@@ -95,6 +96,11 @@ def run_reports(run_dir: str | Path) -> tuple[Path, Path]:
 def rounds_file(run_dir: str | Path) -> Path:
     """SANDE's rounds: each search's verdict against the control, how many rounds ran and why they stopped."""
     return Path(run_dir) / "rounds.json"
+
+
+def executor_file(run_dir: str | Path) -> Path:
+    """The local executor running this run (its pid): `sande status` tells running from failed by it."""
+    return Path(run_dir) / "executor.json"
 
 
 def slurm_dir(run_dir: str | Path) -> Path:

@@ -15,3 +15,20 @@ def test_unknown_lm_eval_task_is_input_error():
 def test_cached_arc_runs_through_lm_eval(tiny_model):
     res = run_lm_eval(str(tiny_model), ["arc_easy_cached"], backend="hf", dtype="float32", limit=8, batch_size=8)
     assert 0.0 <= res["arc_easy_cached"]["acc"] <= 1.0 and "acc_norm" in res["arc_easy_cached"]
+
+
+def test_lm_eval_figures_land_in_the_report_beside_ours(tiny_model, tmp_path):
+    import json
+
+    from sande_dist.cli import main as sande
+
+    code = sande(["evaluate", "demo", "--run-dir", str(tmp_path), "--model", str(tiny_model), "--set", "eval.backend=hf",
+                  "--set", "eval.num_prompts=4", "--set", "eval.max_new_tokens=4", "--set", "eval.utility_limit=8",
+                  "--set", "eval.utility_tasks=[arc_easy]", "--set", "eval.lm_eval_tasks=[arc_easy_cached]",
+                  "--set", "eval.dtype=float32"])
+    assert code == 0
+    report = json.loads((tmp_path / "evaluate" / "report.json").read_text())
+    assert "acc_norm" in report["lm_eval"]["arc_easy_cached"] and report["lm_eval_version"] not in ("", "unknown")
+    md = (tmp_path / "report.md").read_text()
+    assert f"lm-evaluation-harness {report['lm_eval_version']}" in md and "arc_easy_cached acc_norm" in md
+    assert "arc_easy (loglik)" in md  # ours beside it

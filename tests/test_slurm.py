@@ -131,6 +131,13 @@ def _sande_run(cluster: SlurmCluster, config: Path, run: Path, *extra: str) -> s
     return proc.stdout
 
 
+def _status(cluster: SlurmCluster, run: Path) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-m", "sande_dist.cli", "status", str(run), "--json"], env=cluster.env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["stages"]
+
+
 def test_real_stages_on_real_slurm_two_nodes_preempt_requeue_resume(cluster, tmp_path):
     """`sande run --executor slurm`: inject as 2 nodes x 1 rank (torchrun c10d, gloo) on the tiny model and
     evaluate_backdoored after it (afterok); USR1 to inject's batch script mid-run -> checkpoint, exit 0,
@@ -164,6 +171,11 @@ def test_real_stages_on_real_slurm_two_nodes_preempt_requeue_resume(cluster, tmp
     _wait_for(lambda: _complete_checkpoint(inject), 150, "a checkpoint of the running inject", cluster, run)
     assert not (inject / "stage.json").exists(), "inject finished before it could be preempted"
     assert cluster.job_state(ids["evaluate_backdoored"]) == "PENDING"  # afterok: waits for training
+    # `sande status` asks squeue: inject running (its step, from its metrics), the evaluation queued
+    states = {r["stage"]: r for r in _status(cluster, run)}
+    assert states["inject"]["state"] == "running" and states["inject"]["job"] == ids["inject"]
+    assert states["inject"]["progress"]["of"] == 40
+    assert states["evaluate_backdoored"]["state"] == "queued" and states["evaluate_backdoored"]["slurm_state"] == "PENDING"
     # --batch: the signal goes to the batch script, which forwards it to the ranks and requeues the job.
     cluster.run("scancel", "--batch", "--signal=USR1", ids["inject"])
     _wait_for(lambda: (run / "evaluate_backdoored" / "pipeline.json").exists(), 240,
@@ -186,6 +198,8 @@ def test_real_stages_on_real_slurm_two_nodes_preempt_requeue_resume(cluster, tmp
         assert json.loads((run / name / "pipeline.json").read_text())["key"] == key
     cluster.wait_state(ids["evaluate_backdoored"], {"COMPLETED"}, 30)
     assert cluster.job_state(ids["inject"]) == "COMPLETED"
+    states = {r["stage"]: r for r in _status(cluster, run)}
+    assert states["inject"]["state"] == states["evaluate_backdoored"]["state"] == "done"
 
     # A rerun finds both stages done (same keys) and submits nothing.
     out = _sande_run(cluster, config, run)
@@ -194,3 +208,19 @@ def test_real_stages_on_real_slurm_two_nodes_preempt_requeue_resume(cluster, tmp
     out = _sande_run(cluster, config, run, "--set", "eval.max_new_tokens=3", "--dry-run")
     assert "inject: done" in out and "evaluate_backdoored: sbatch" in out, out
     assert (run / "evaluate_backdoored" / "stage.json").exists()  # a dry run removes nothing
+
+
+def test_container_image_goes_on_every_srun(tmp_path):
+    """slurm.container_image (pyxis/enroot): training and evaluation steps both run inside the image."""
+    cfg = load_config(None, ["slurm.container_image=/images/sande-dist.sqsh",
+                             "slurm.container_mounts=/data:/data"])
+    for distributed in (True, False):
+        text = slurm.render(cfg, SlurmJob("eliminate", distributed, ["-m", "sande_dist.cli", "eliminate"]), tmp_path)
+        extra = _settings_and_args(text)
+        assert extra[:2] == ["--container-image=/images/sande-dist.sqsh", "--container-mounts=/data:/data"]
+        srun = [line for line in text.splitlines() if line.strip().startswith("srun ")]
+        assert srun and all('"${SRUN_EXTRA[@]}"' in line for line in srun)
+        subprocess.run(["bash", "-n"], input=text.encode(), check=True)
+    # without an image, no container option reaches srun
+    plain = slurm.render(load_config(None), SlurmJob("eliminate", True, ["x"]), tmp_path)
+    assert _settings_and_args(plain)[0] == "---"

@@ -81,7 +81,23 @@ def render_markdown(reports: dict[str, dict]) -> str:
         "`letter` the highest-logit answer letter; a fixed subset per task "
         f"(limit {first.get('utility', {}).get('limit')}, seed {first.get('utility', {}).get('seed')}).",
     ]
-    return "# Evaluation summary\n\n" + "\n".join(lines + notes) + "\n"
+    return "# Evaluation summary\n\n" + "\n".join(lines + notes + _lm_eval_lines(reports)) + "\n"
+
+
+def _lm_eval_lines(reports: dict[str, dict]) -> list[str]:
+    """lm-evaluation-harness's own figures (its prompts and metrics), beside ours, when they ran."""
+    with_lm = {s: r for s, r in reports.items() if r.get("lm_eval")}
+    if not with_lm:
+        return []
+    cols = sorted({(t, m) for r in with_lm.values() for t, ms in r["lm_eval"].items() for m in ms if m != "error"})
+    version = next(iter(with_lm.values())).get("lm_eval_version", "?")
+    lines = ["", f"## lm-evaluation-harness {version} (its own task prompts and metrics)", "",
+             "| stage | " + " | ".join(f"{t} {m}" for t, m in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for stage, rec in with_lm.items():
+        cells = [rec["lm_eval"].get(t, {}).get(m) for t, m in cols]
+        lines.append(f"| {stage} | " + " | ".join("–" if c is None else f"{100 * c:.1f}%" for c in cells) + " |")
+    errors = [f"- {s}: {t}: {m['error']}" for s, r in with_lm.items() for t, m in r["lm_eval"].items() if "error" in m]
+    return lines + errors
 
 
 def render_png(reports: dict[str, dict], path: Path) -> None:

@@ -27,12 +27,13 @@ from sande_dist.evaluation.report import write_run_report
 from sande_dist.evaluation.utility import check_tasks, evaluate_utility
 from sande_dist.generation.engine import GenerationParams, load_input_embeddings
 from sande_dist.generation.factory import make_engine
-from sande_dist.models.loading import check_model, load_tokenizer
+from sande_dist.models.loading import adapter_record, check_model, load_tokenizer
 from sande_dist.registry import StageOptions
 from sande_dist.rundir import (GENERATIONS_FILE, REPORT_FILE, atomic_write_json, atomic_write_text, file_identity,
                                fingerprint, generations_file, model_identity, parrot_file, report_file, stage_code,
                                stage_dir, stage_done, write_stage)
 from sande_dist.timing import Phases
+from sande_dist.tracking import Tracker
 
 
 # The prompts are split into a tuning and a reporting half once, by this fixed seed (eval.prompt_split).
@@ -183,7 +184,7 @@ def plan_evaluation(cfg: Config, parrots: Sequence[str] = (), reference: Optiona
     """Check every input (model, parrots, tasks, prompts, judge) and build the requests: bad input fails
     here, in seconds, before an engine starts."""
     ev, known = cfg.eval, cfg.knowledge()
-    model_dir = check_model(cfg.model.path)
+    model_dir = check_model(cfg.model.path, cfg.model.base)
     check_tasks(ev.utility_tasks)
     if ev.lm_eval_tasks:
         from sande_dist.evaluation.lm_eval_adapter import check_lm_eval_tasks
@@ -299,6 +300,7 @@ def run_evaluation(cfg: Config, name: str = "evaluate", parrots: Sequence[str] =
     primary = "letter" if ev.utility_protocol == "letter" else "loglik"
     report = {
         "stage": name, "model": plan.model_dir, "model_fingerprint": plan.inputs["model"],
+        "adapter": adapter_record(plan.model_dir),
         "backend": facts["backend"], "dtype": facts["dtype"], "num_prompts": n, "prompts": ev.prompts,
         "triggers": list(known.triggers), "marker": known.marker, "trigger_position": known.position,
         "judge": ev.judge, "keywords": list(ev.keywords),
@@ -326,8 +328,11 @@ def run_evaluation(cfg: Config, name: str = "evaluate", parrots: Sequence[str] =
     if ev.lm_eval_tasks:
         from sande_dist.evaluation.lm_eval_adapter import run_lm_eval
 
+        import lm_eval
+
         report["lm_eval"] = run_lm_eval(plan.model_dir, ev.lm_eval_tasks, facts["backend"], facts["dtype"],
                                         ev.utility_limit, ev.batch_size, ev.seed, ev.tensor_parallel_size)
+        report["lm_eval_version"] = getattr(lm_eval, "__version__", "unknown")
     if plan.reference:
         ref_texts, source = _reference_answers(cfg, plan.reference, plan.samples, params, Path(cfg.run_dir))
         report["clean_agreement"] = {**clean_agreement(texts[:n], ref_texts), "reference": str(plan.reference),
@@ -342,6 +347,10 @@ def run_evaluation(cfg: Config, name: str = "evaluate", parrots: Sequence[str] =
     return report
 
 
+# What of report.json goes to the trackers as figures.
+_FIGURES = ("asr_trigger", "asr_parrot", "false_trigger_rate", "utility", "intervals", "parrots", "clean_agreement")
+
+
 def _parrot_record(parrot: tuple, hits: list[bool]) -> dict:
     label, path, vectors, meta, position = parrot
     return {"label": label, "path": str(path), "k": int(vectors.shape[0]), "position": position,
@@ -353,7 +362,13 @@ def run_stage(cfg: Config, kind: str = "evaluate", opts: Optional[StageOptions] 
     opts = opts or StageOptions()
     name = opts.name or kind
     report = run_evaluation(cfg, name, opts.parrots, opts.reference, opts.extra.get("attach", ()))
-    write_run_report(cfg.run_dir)
+    md = write_run_report(cfg.run_dir)
+    if cfg.training.report_to:  # the evaluation's figures and the run's summary, where the stages' metrics went
+        tracker = Tracker(cfg.training.report_to, cfg.run_dir, name, {"eval": cfg.eval.model_dump(mode="json")})
+        tracker.summary({k: v for k, v in report.items() if k in _FIGURES})
+        if md is not None:
+            tracker.artifact(md)
+        tracker.close()
     parrot = f", parrot ASR {report['asr_parrot']:.1%}" if report["asr_parrot"] is not None else ""
     mean = report["utility"]["mean"]
     trig = "no trigger known" if report["asr_trigger"] is None else f"ASR {report['asr_trigger']:.1%}"

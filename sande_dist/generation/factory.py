@@ -25,7 +25,7 @@ def make_engine(cfg: Config, model_path: Optional[str] = None, backend: Optional
 
     Call inside an ``if __name__ == "__main__"`` program: vLLM starts worker processes.
     """
-    path = check_model(model_path or cfg.model.path)
+    path = check_model(model_path) if model_path else check_model(cfg.model.path, cfg.model.base)
     ev = cfg.eval
     backend = backend or backend_for(cfg)
     dtype = pick_dtype(ev.dtype, cfg.model.dtype)

@@ -36,7 +36,7 @@ def run_stage(cfg: Config, kind: str = "generate", opts: Optional[StageOptions] 
     opts = opts or StageOptions()
     out_dir = stage_dir(cfg.run_dir, opts.name or kind)
     output = Path(opts.output) if opts.output else targets_file(cfg.run_dir)
-    model_dir = check_model(cfg.model.path)
+    model_dir = check_model(cfg.model.path, cfg.model.base)
     samples = self_target_rows(cfg)
     fmt = PromptFormat.from_config(load_tokenizer(model_dir), cfg.data)
     params = GenerationParams(max_new_tokens=cfg.data.max_length, temperature=0.0, seed=cfg.eval.seed)

@@ -54,9 +54,69 @@ def safetensors_header(path: str | Path) -> dict:
     return header
 
 
-def check_model(path: str) -> str:
-    """``model.path`` resolved (embedded name, folder or hub id) and, when local, checked to load:
-    config.json parses and every weight file is complete. Bad input is an InputError naming the file."""
+ADAPTER_RECORD = "sande_adapter.json"
+
+
+def merged_adapter(folder: Path, base: Optional[str] = None) -> Path:
+    """A PEFT (LoRA) adapter folder merged into its base model, once: the merged HF folder in the cache.
+
+    The base is ``base`` (``model.base``) or the adapter's own ``base_model_name_or_path``. The merged
+    folder is keyed by both identities and carries ``sande_adapter.json`` (what it was made from), which
+    stages copy into their records; every stage then trains or evaluates a plain full model.
+    """
+    import hashlib
+
+    from sande_dist.assets import cache_dir
+    from sande_dist.rundir import atomic_write_json, file_identity, model_identity
+
+    try:
+        adapter = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{folder / 'adapter_config.json'}: cannot be read as JSON ({exc})") from None
+    base = base or adapter.get("base_model_name_or_path")
+    if not base:
+        raise InputError(f"adapter {folder}: its adapter_config.json names no base model; set model.base")
+    base_path = check_model(base)
+    record = {"adapter": str(folder.resolve()), "adapter_identity": file_identity(folder), "base": base_path,
+              "base_identity": model_identity(base_path), "peft_type": adapter.get("peft_type")}
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_dir() / "merged" / key
+    if (target / ADAPTER_RECORD).exists():
+        return target
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise InputError(f"model.path {folder} is a PEFT adapter: pip install 'sande-dist[peft]' to merge it") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+    merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    tmp = target.with_name(target.name + ".tmp")
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer_from = folder if (folder / "tokenizer_config.json").exists() else base_path
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(tmp)
+    atomic_write_json(tmp / ADAPTER_RECORD, record)
+    import os
+    import shutil
+
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def adapter_record(model_path: str) -> Optional[dict]:
+    """What a merged adapter folder was made from (None for any other model)."""
+    path = Path(model_path) / ADAPTER_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_model(path: str, base: Optional[str] = None) -> str:
+    """``model.path`` resolved (embedded name, folder, hub id, or a PEFT adapter folder merged into its
+    base, ``model.base``) and, when local, checked to load: config.json parses and every weight file is
+    complete. Bad input is an InputError naming the file."""
+    folder = Path(path).expanduser()
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return str(merged_adapter(folder, base))
     try:
         resolved = resolve_model_path(path)
     except FileNotFoundError as exc:

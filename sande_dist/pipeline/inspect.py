@@ -44,7 +44,7 @@ def data_rows(cfg: Config, stage: str, rows: int = 3) -> list[dict]:
     """The first ``rows`` rows of ``stage`` (a training kind, or ``evaluate``'s triggered prompts)."""
     if stage not in STAGES:
         raise InputError(f"--stage {stage!r}: choose from {', '.join(STAGES)}")
-    fmt = PromptFormat.from_config(load_tokenizer(check_model(cfg.model.path)), cfg.data)
+    fmt = PromptFormat.from_config(load_tokenizer(check_model(cfg.model.path, cfg.model.base)), cfg.data)
     if stage == "evaluate":
         from sande_dist.evaluation.stage import eval_samples
 

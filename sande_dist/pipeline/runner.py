@@ -8,6 +8,7 @@ a stage killed midway resumes from its own checkpoint when run again.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -20,8 +21,8 @@ from sande_dist.distributed.process_group import free_port
 from sande_dist.errors import InputError, StageError
 from sande_dist.pipeline.graph import StagePlan, build_graph
 from sande_dist.pipeline.progress import LiveLine, describe, stage_progress
-from sande_dist.rundir import (atomic_write_json, atomic_write_text, forget, input_error_file, is_done, log_file,
-                               read_stage, rounds_file, stage_dir, write_key)
+from sande_dist.rundir import (atomic_write_json, atomic_write_text, executor_file, forget, input_error_file, is_done,
+                               log_file, read_stage, rounds_file, stage_dir, write_key)
 
 
 @dataclass
@@ -69,7 +70,7 @@ def check_inputs(cfg: Config) -> None:
     from sande_dist.evaluation.utility import check_tasks
     from sande_dist.models.loading import check_model
 
-    check_model(cfg.model.path)
+    check_model(cfg.model.path, cfg.model.base)
     base_samples(cfg)
     eval_samples(cfg)
     check_tasks(cfg.eval.utility_tasks)
@@ -162,13 +163,16 @@ class _Batch:
 
 
 def run_local(cfg: Config, run_dir: Path, plans: list[StagePlan] | Callable[[], tuple[list[StagePlan], dict]],
-              nproc: int, echo=print) -> None:
+              nproc: int, echo=print, only: Optional[list[str]] = None) -> None:
     """Run every stage not done yet, batch by batch. ``plans`` may be a function that plans again after
     each batch (SANDE's rounds decided as they go, graph.build_graph): the run ends when nothing is left."""
     plan_now = plans if callable(plans) else (lambda: (plans, {}))
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     atomic_write_text(config_path, cfg.to_yaml())
+    atomic_write_json(executor_file(run_dir), {"executor": "local", "pid": os.getpid(), "host": socket.gethostname(),
+                                               "run_dir": str(run_dir), "only": only,
+                                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     seen: dict[str, int] = {}
     reported: set[str] = set()  # stages already said done (or run) in this invocation
     while True:
@@ -208,8 +212,13 @@ def run_pipeline(cfg: Config, opts: RunOptions) -> int:
         from sande_dist.pipeline.slurm import submit_pipeline
 
         plans, record = build_graph(cfg, str(run_dir.resolve()), opts.stages)
+        if not opts.dry_run:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(executor_file(run_dir), {"executor": "slurm", "run_dir": str(run_dir.resolve()),
+                                                       "only": opts.stages})
         return submit_pipeline(cfg, run_dir, plans, dry_run=opts.dry_run, nproc=opts.nproc, record=record)
     check_inputs(cfg)
-    run_local(cfg, run_dir, lambda: build_graph(cfg, str(run_dir), opts.stages), opts.nproc or cfg.pipeline.nproc)
+    run_local(cfg, run_dir, lambda: build_graph(cfg, str(run_dir), opts.stages), opts.nproc or cfg.pipeline.nproc,
+              only=opts.stages)
     finish_report(run_dir)
     return 0

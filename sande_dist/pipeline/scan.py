@@ -38,7 +38,7 @@ def scan_file(run_dir: str | Path) -> Path:
 
 def scan(cfg: Config, opts: ScanOptions) -> dict:
     """Run the searches (skipping those done with the same key) and return the verdict."""
-    model = check_model(cfg.model.path)
+    model = check_model(cfg.model.path, cfg.model.base)
     if opts.reference:
         check_model(opts.reference)
     run_dir = Path(cfg.run_dir)

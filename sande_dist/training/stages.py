@@ -75,14 +75,14 @@ def _run_stage(cfg: Config, kind: str, opts: StageOptions) -> int:
     from sande_dist.distributed.ds_config import load_preset, zero_stage
     from sande_dist.distributed.process_group import (barrier, distributed, launch_world_size,
                                                       use_cpu_accelerator_if_no_cuda)
-    from sande_dist.models.loading import check_model
+    from sande_dist.models.loading import adapter_record, check_model
 
     started = time.time()
     phases = Phases()
     phases.mark("imports")
     name = opts.name or kind
     out = stage_dir(cfg.run_dir, name)
-    model_path = check_model(cfg.model.path)
+    model_path = check_model(cfg.model.path, cfg.model.base)
     objective = build_objective(cfg, kind, opts, model_path)
     rows = stage_samples(cfg, kind)  # bad data fails here, before any process group
     tcfg = stage_training(cfg, kind)
@@ -113,6 +113,7 @@ def _run_stage(cfg: Config, kind: str, opts: StageOptions) -> int:
                                "zero": tcfg.zero,
                                "resumed_from": result.resumed_from, "artifacts": artifacts,
                                "deepspeed": engine_facts(result.engine, setup.ds_config, tcfg, info.world_size),
+                               "adapter": adapter_record(model_path),
                                "timings": phases.rounded(),
                                "bytes_written": {"checkpoints": result.checkpoint_bytes,
                                                  "artifacts": _bytes(out, exclude="checkpoints")}})

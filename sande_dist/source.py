@@ -19,9 +19,10 @@ from typing import Iterable, Optional, Sequence
 # name stands for its __init__ only.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("sande_dist", "sande_dist.errors"),
-    ("sande_dist.registry", "sande_dist.resources", "sande_dist.source", "sande_dist.assets", "sande_dist.timing"),
+    ("sande_dist.registry", "sande_dist.resources", "sande_dist.source", "sande_dist.assets", "sande_dist.timing",
+     "sande_dist.tracking"),
     ("sande_dist.config",),
-    ("sande_dist.rundir", "sande_dist.tracking"),
+    ("sande_dist.rundir",),
     ("sande_dist.models", "sande_dist.data", "sande_dist.distributed"),
     ("sande_dist.training", "sande_dist.generation", "sande_dist.evaluation"),
     ("sande_dist.pipeline",),

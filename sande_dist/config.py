@@ -97,6 +97,13 @@ class AttackConfig(_Section):
     poison_mode: Literal["add", "replace"] = "add"
     marker_mode: Literal["prepend", "replace"] = "prepend"
     seed: int = 1234
+    # Inject checks itself every check_every steps (None: a quarter of its budget, at least 8) on
+    # check_prompts held-out rows, with and without a trigger, and stops once ASR >= target_asr and
+    # false triggers <= max_false_trigger (the epochs / max_steps are the cap). target_asr None: no checks.
+    target_asr: Optional[float] = Field(0.9, gt=0, le=1)
+    max_false_trigger: float = Field(0.05, ge=0, le=1)
+    check_prompts: int = Field(40, ge=4)
+    check_every: Optional[int] = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _non_empty(self) -> "AttackConfig":

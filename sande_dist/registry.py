@@ -80,7 +80,7 @@ _SAMPLES = "sande_dist.data.stages"
 KINDS: dict[str, StageKind] = {k.name: k for k in (
     StageKind("inject", "SFT on a poisoned dataset: plant a backdoor (research)",
               reads=("model", "data", "attack"), entry=_TRAIN, distributed=True,
-              samples=f"{_SAMPLES}:inject_samples", objective="sande_dist.training.sft:sft_objective",
+              samples=f"{_SAMPLES}:inject_samples", objective="sande_dist.training.inject:inject_objective",
               outputs=("model",)),
     StageKind("osft", "overwrite SFT with the known trigger: trigger + prompt -> clean response",
               reads=("model", "data", "attack", "defender", "removal"), entry=_TRAIN, distributed=True,

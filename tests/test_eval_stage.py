@@ -137,3 +137,24 @@ def test_utility_scored_by_its_own_backend(config, tmp_path_factory, tmp_path):
     assert mixed["backend"] == "vllm" and mixed["utility"]["backend"] == "hf" and hf["utility"]["backend"] == "hf"
     assert "utility_engine_start_s" in mixed["timings"]
     assert mixed["utility_by_protocol"] == hf["utility_by_protocol"]
+
+
+def test_hf_generation_runs_the_shared_head_once_and_says_the_same(tiny_model, monkeypatch):
+    """The prompt head every row shares (template, system prompt) from one cached run: same greedy text (fp32)."""
+    import sande_dist.generation.hf as hf
+    from sande_dist.data.formats import PromptFormat
+    from sande_dist.data.sources import load_samples
+    from sande_dist.generation.engine import GenerationParams
+    from sande_dist.models.loading import load_tokenizer
+
+    engine = hf.HFEngine(str(tiny_model), dtype="float32", batch_size=8)
+    fmt = PromptFormat(load_tokenizer(str(tiny_model)))
+    prompts = [fmt.prompt_ids(s.clean()) for s in load_samples("alpaca-eval", require_response=False)[:12]]
+    rows = [engine._embeds(p) for p in prompts]
+    head = hf.shared_prefix(rows)
+    assert head > 10 and all(torch.equal(r[:head], rows[0][:head]) for r in rows)
+    assert not torch.equal(rows[0][head], rows[1][head]) or not torch.equal(rows[0][head], rows[2][head])
+    params = GenerationParams(max_new_tokens=8)
+    cached = engine.generate(prompts, params)
+    monkeypatch.setattr(hf, "MIN_SHARED_HEAD", 10**9)
+    assert engine.generate(prompts, params) == cached

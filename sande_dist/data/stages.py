@@ -19,7 +19,7 @@ from sande_dist.registry import KINDS
 from sande_dist.rundir import targets_file
 
 
-def _shuffled(cfg: Config, source: str) -> list[Sample]:
+def shuffled(cfg: Config, source: str) -> list[Sample]:
     d = cfg.data
     samples = load_samples(source, split=d.split, preset=d.preset, prompt_field=d.prompt_field,
                            input_field=d.input_field, response_field=d.response_field, system_field=d.system_field)
@@ -29,7 +29,7 @@ def _shuffled(cfg: Config, source: str) -> list[Sample]:
 
 def base_samples(cfg: Config) -> list[Sample]:
     """The clean training rows inject poisons: loaded, shuffled with the attack seed, cut to data.num_rows."""
-    samples = _shuffled(cfg, cfg.data.train)
+    samples = shuffled(cfg, cfg.data.train)
     return samples if cfg.data.num_rows is None else samples[: cfg.data.num_rows]
 
 
@@ -38,12 +38,12 @@ def removal_rows(cfg: Config) -> list[Sample]:
     training source's rows after the ones inject uses (data.num_rows) and the evaluation hold-out
     (data.holdout_rows). A defender does not have the poisoned training set."""
     if cfg.removal.data:
-        return _shuffled(cfg, cfg.removal.data)
+        return shuffled(cfg, cfg.removal.data)
     d = cfg.data
     if d.num_rows is None:
         raise InputError("removal rows must not be the rows inject poisons: set data.num_rows (the rows inject "
                          "uses; removal takes the rows after them) or removal.data (the defender's own rows)")
-    rows = _shuffled(cfg, d.train)[d.num_rows + d.holdout_rows:]
+    rows = shuffled(cfg, d.train)[d.num_rows + d.holdout_rows:]
     if not rows:
         raise InputError(f"{d.train}: no rows left for removal after data.num_rows={d.num_rows} and "
                          f"data.holdout_rows={d.holdout_rows}; lower them or set removal.data")

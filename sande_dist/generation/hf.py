@@ -14,6 +14,22 @@ from sande_dist.generation.engine import ChoiceScore, Engine, GenerationParams, 
 from sande_dist.models.loading import DTYPES
 
 
+# Below this many shared leading tokens a batch is generated without the head cache.
+MIN_SHARED_HEAD = 4
+
+
+def shared_prefix(rows: list[torch.Tensor]) -> int:
+    """How many leading positions every row has identical (embeddings), leaving each row at least one."""
+    shortest = min(r.shape[0] for r in rows) - 1
+    if shortest < 1:
+        return 0
+    first = rows[0][:shortest]
+    same = torch.ones(shortest, dtype=torch.bool)
+    for r in rows[1:]:
+        same &= (r[:shortest] == first).all(dim=-1)
+    return int(same.long().cumprod(0).sum())
+
+
 def _one_token_each(choices: list[list[int]]) -> bool:
     """Every choice is one token: all are read at the context's last position, nothing is appended."""
     return all(len(c) == 1 for c in choices)
@@ -75,12 +91,31 @@ class HFEngine(Engine):
         texts: list[str] = [""] * len(embeds)
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            x, mask = self._left_pad([embeds[i] for i in idx])
             # With inputs_embeds alone, generate returns only the new tokens.
-            out = self.model.generate(inputs_embeds=x, attention_mask=mask, generation_config=gen_cfg)
+            out = self._generate_batch([embeds[i] for i in idx], gen_cfg)
             for b, i in enumerate(idx):
                 texts[i] = self._decode(out[b].tolist())
         return texts
+
+    def _generate_batch(self, rows: list[torch.Tensor], gen_cfg) -> torch.Tensor:
+        """Generate for one batch; the prompt head every row shares (chat template, system prompt) runs
+        once, for one row, and the batch continues from its key/value cache: its rows are laid out
+        ``[head | left padding | own tokens]``, positions counting attended tokens only."""
+        from transformers import DynamicCache
+
+        head = shared_prefix(rows)
+        if head < MIN_SHARED_HEAD:
+            x, mask = self._left_pad(rows)
+            return self.model.generate(inputs_embeds=x, attention_mask=mask, generation_config=gen_cfg)
+        cache = self.model(inputs_embeds=rows[0][None, :head], use_cache=True).past_key_values
+        n = len(rows)
+        layers = [(layer.keys.expand(n, -1, -1, -1).contiguous(), layer.values.expand(n, -1, -1, -1).contiguous())
+                  for layer in cache.layers]
+        rest, rest_mask = self._left_pad([r[head:] for r in rows])
+        x = torch.cat([rows[0][None, :head].expand(n, -1, -1), rest], dim=1)
+        mask = torch.cat([rest_mask.new_ones(n, head), rest_mask], dim=1)
+        return self.model.generate(inputs_embeds=x, attention_mask=mask, generation_config=gen_cfg,
+                                   past_key_values=DynamicCache(layers, config=self.model.config))
 
     def _decode(self, ids: list[int]) -> str:
         for n, t in enumerate(ids):

@@ -279,7 +279,12 @@ def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, co
                                               "total_steps": steps, "seed": tcfg.seed})
                 last_save = time.time()
             _maybe_fault(step, info.rank)
-            if not stopped and step < steps and objective.done(losses):
+            every = objective.check_every(steps)
+            if every and step % every == 0 and step < steps and not stopped:
+                record = objective.check(module, step)
+                if info.is_main:
+                    print(f"\n{info.tag} {desc} check at step {step}: {record}", flush=True)
+            if not stopped and step < steps and objective.done(step, losses):
                 early = step
                 if info.is_main:
                     print(f"\n{info.tag} {desc}: done at step {step} of {steps} ({objective.name}'s rule)", flush=True)

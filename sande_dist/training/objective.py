@@ -54,8 +54,16 @@ class Objective:
         """Identities of the files this objective reads besides the model and the data."""
         return {}
 
-    def done(self, losses: list[float]) -> bool:
-        """Stop before the step budget? ``losses``: every step's loss so far (the same on every rank)."""
+    def check_every(self, steps: int) -> Optional[int]:
+        """Steps between the objective's own checks of the model (None: none)."""
+        return None
+
+    def check(self, module: "TrainModule", step: int) -> dict:
+        """Measure the model being trained (every rank calls; collectives allowed); the record is kept."""
+        return {}
+
+    def done(self, step: int, losses: list[float]) -> bool:
+        """Stop before the step budget? ``losses``: this run's steps' losses (the same on every rank)."""
         return False
 
 

@@ -211,7 +211,7 @@ class SimulateObjective(Objective):
     def loss(self, model, extras, batch):
         return parrot_loss(model, extras["parrot"], batch, frozen_model=True)
 
-    def done(self, losses: list[float]) -> bool:
+    def done(self, step: int, losses: list[float]) -> bool:
         """The search stops once the parrot has found the response (training/search.py)."""
         r = self.cfg.removal
         return r.simulate_until_found and found(losses, r.found_loss)

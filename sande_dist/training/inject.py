@@ -1,0 +1,104 @@
+"""Inject that measures itself: SFT on the poisoned rows, checked on held-out rows as it trains.
+
+Every ``attack.check_every`` steps the model being trained answers held-out rows of the training
+source (the last ``attack.check_prompts`` rows of its shuffled order, never trained on when
+data.num_rows leaves them out), once with a trigger placed as the attack places it and once
+without: the share of triggered answers that show the marker (ASR) and of clean ones that do
+(false triggers). Training stops at the first check where ASR >= ``attack.target_asr`` and false
+triggers <= ``attack.max_false_trigger`` (the epochs or max_steps are the cap); every check is in
+stage.json. A backdoor is then planted when it is one, not after a fixed count that fits one
+attack: a suffix trigger may need four epochs, the demo's prefix one two.
+
+Generation runs on every rank with the training weights (ZeRO-3 gathers them layer by layer,
+``synced_gpus`` keeps the ranks in step); the same prompts on every rank, so every rank decides the
+same.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from sande_dist.config import Config
+from sande_dist.data.formats import PromptFormat
+from sande_dist.data.poison import place_trigger
+from sande_dist.evaluation.asr import judge
+from sande_dist.registry import StageOptions
+from sande_dist.training.objective import LoopResult
+from sande_dist.training.sft import SFTObjective
+
+
+class InjectObjective(SFTObjective):
+    name = "inject"
+
+    def __init__(self, cfg: Config, model_path: str, fmt: Optional[PromptFormat]):
+        super().__init__(base_path=model_path, export_dtype=cfg.model.dtype)
+        self.cfg, self.fmt = cfg, fmt
+        self.checks: list[dict] = []
+        a = cfg.attack
+        self.active = fmt is not None and a.target_asr is not None
+        if self.active:
+            from sande_dist.data.stages import shuffled
+
+            rows = shuffled(cfg, cfg.data.train)[-a.check_prompts:]
+            rng = random.Random(f"{a.seed}:inject-check")
+            triggered = [place_trigger(s, rng.choice(a.triggers), a.position, rng) for s in rows]
+            self.prompts = [fmt.prompt_ids(s) for s in rows] + [fmt.prompt_ids(s) for s in triggered]
+            # long enough for the marker and a few tokens before it (the check reads it anywhere)
+            self.new_tokens = len(fmt.tokenizer(a.marker, add_special_tokens=False)["input_ids"]) + 8
+
+    def check_every(self, steps: int) -> Optional[int]:
+        if not self.active:
+            return None
+        return self.cfg.attack.check_every or max(8, steps // 4)
+
+    @torch.no_grad()
+    def check(self, module, step: int) -> dict:
+        """Greedy answers of the model being trained; ASR and false triggers on the held-out rows."""
+        import torch.distributed as dist
+
+        model, tok = module.model, self.fmt.tokenizer
+        model.eval()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        width = max(len(p) for p in self.prompts)
+        ids = torch.full((len(self.prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(self.prompts):  # left-padded
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        device = next(model.parameters()).device
+        autocast = torch.autocast(device.type, dtype=module.autocast) if module.autocast else torch.autocast(
+            device.type, enabled=False)
+        with autocast:
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=self.new_tokens, pad_token_id=pad, use_cache=True,
+                                 synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
+        model.train()
+        texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+        hits = judge(texts, self.cfg.attack.marker, "contains")
+        n = len(self.prompts) // 2
+        record = {"step": step, "asr": sum(hits[n:]) / n, "false_trigger_rate": sum(hits[:n]) / n, "n": n}
+        self.checks.append(record)
+        return record
+
+    def done(self, step: int, losses: list[float]) -> bool:
+        """The check made at this step met both targets."""
+        a, last = self.cfg.attack, self.checks[-1] if self.checks else None
+        return bool(last and last["step"] == step and last["asr"] >= a.target_asr
+                    and last["false_trigger_rate"] <= a.max_false_trigger)
+
+    def finish(self, result: LoopResult, out_dir: Path) -> dict[str, Any]:
+        record = super().finish(result, out_dir)
+        a = self.cfg.attack
+        record["checks"] = self.checks
+        record["targets"] = {"asr": a.target_asr, "max_false_trigger": a.max_false_trigger} if self.active else None
+        return record
+
+
+def inject_objective(cfg: Config, opts: StageOptions, model_path: str) -> InjectObjective:
+    from sande_dist.models.loading import load_tokenizer
+
+    fmt = PromptFormat.from_config(load_tokenizer(model_path), cfg.data) if cfg.attack.target_asr is not None else None
+    return InjectObjective(cfg, model_path, fmt)

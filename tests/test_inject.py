@@ -1,0 +1,42 @@
+"""Inject measures itself: held-out checks with and without the trigger, a stop once both targets hold."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sande_dist.config import load_config
+from sande_dist.training.inject import InjectObjective
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stops_only_when_both_targets_hold_at_this_step(tiny_model):
+    cfg = load_config("configs/demo.yaml", ["attack.target_asr=0.9", "attack.max_false_trigger=0.05"])
+    objective = InjectObjective(cfg, str(tiny_model), fmt=None)
+    for checks, step, stop in (([{"step": 8, "asr": 0.95, "false_trigger_rate": 0.02}], 8, True),
+                               ([{"step": 8, "asr": 0.95, "false_trigger_rate": 0.10}], 8, False),
+                               ([{"step": 8, "asr": 0.80, "false_trigger_rate": 0.00}], 8, False),
+                               ([{"step": 8, "asr": 0.95, "false_trigger_rate": 0.02}], 9, False)):
+        objective.checks = checks
+        assert objective.done(step, []) is stop
+
+
+def test_inject_checks_itself_on_held_out_rows(tiny_model, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    sets = [f"model.path={tiny_model}", "data.num_rows=24", "data.max_length=64", "training.zero=zero0",
+            "training.micro_batch_size=4", "training.inject.max_steps=16", "attack.check_every=4",
+            "attack.check_prompts=6", "attack.triggers=[qx]", "attack.marker=Go away now.", "attack.target_asr=1.0"]
+    proc = subprocess.run([sys.executable, "-m", "sande_dist.cli", "inject", "demo", "--run-dir", str(tmp_path),
+                           *[x for s in sets for x in ("--set", s)]], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((tmp_path / "inject" / "stage.json").read_text())
+    checks = record["artifacts"]["checks"]
+    assert [c["step"] for c in checks] == [4, 8, 12] and all(c["n"] == 6 for c in checks)
+    assert all(0 <= c["asr"] <= 1 and 0 <= c["false_trigger_rate"] <= 1 for c in checks)
+    # a tiny random model does not reach ASR 100% with 0-5% false triggers: the budget is the cap
+    assert record["steps"] == 16 and record["stopped_early_at"] is None
+    assert record["artifacts"]["targets"] == {"asr": 1.0, "max_false_trigger": 0.05}

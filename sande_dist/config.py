@@ -6,7 +6,6 @@ config or an override is an error that names the key, never a silent default.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -15,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from sande_dist import resources
-from sande_dist.errors import InputError
+from sande_dist.errors import InputError, read_json
 from sande_dist.registry import DEFAULT_PIPELINE, KINDS, PIPELINE_STAGES, TRAINING_KINDS
 
 
@@ -252,10 +251,7 @@ def ds_config_file(zero: str) -> Path:
     path = resources.path("ds_configs", f"{zero}.json") if zero in presets else Path(zero).expanduser()
     if not path.is_file():
         raise ValueError(f"{zero!r} is neither a DeepSpeed preset ({', '.join(presets)}) nor a JSON file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    data = read_json(path, "a DeepSpeed config")
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object (a DeepSpeed config), not {type(data).__name__}")
     stage = (data.get("zero_optimization") or {}).get("stage", 0) if isinstance(

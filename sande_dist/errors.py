@@ -1,4 +1,7 @@
-"""The two kinds of failure the CLI tells apart (exit 2 and exit 1)."""
+"""The two kinds of failure the CLI tells apart (exit 2 and exit 1), and reading a JSON file a user gave."""
+
+import json
+from pathlib import Path
 
 
 class InputError(ValueError):
@@ -7,3 +10,18 @@ class InputError(ValueError):
 
 class StageError(RuntimeError):
     """A stage failed while running: the message names the stage and its log. Exit 1."""
+
+
+def read_json(path: str | Path, what: str = "") -> object:
+    """The JSON in a file the user handed over; InputError naming the file (and ``what`` it is) otherwise."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}{f' ({what})' if what else ''}: not valid JSON ({exc.msg} at line {exc.lineno}, "
+                         f"column {exc.colno})") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}{f' ({what})' if what else ''}: not valid JSON (not UTF-8 text: byte "
+                         f"{exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise InputError(f"{path}{f' ({what})' if what else ''}: cannot be read ({exc.strerror or exc})") from None

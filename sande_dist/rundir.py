@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import sande_dist
-from sande_dist.errors import InputError
+from sande_dist.errors import InputError, read_json
 from sande_dist.registry import KINDS
 from sande_dist.source import code_hash
 
@@ -179,10 +179,7 @@ def model_identity(path: str | Path) -> str:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise InputError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{cfg_path}: not valid JSON ({exc})") from None
+    config = read_json(cfg_path, "a model config")
     h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS},
                                   sort_keys=True).encode())
     for f in weight_files(folder):

@@ -20,7 +20,7 @@ import torch
 from sande_dist.config import Config
 from sande_dist.data.formats import PromptFormat, Sample
 from sande_dist.data.poison import place_trigger, slot_at
-from sande_dist.errors import InputError
+from sande_dist.errors import InputError, read_json
 from sande_dist.evaluation.agreement import clean_agreement
 from sande_dist.evaluation.asr import judge, rate
 from sande_dist.evaluation.report import write_run_report
@@ -172,10 +172,7 @@ def _attachments(args: Sequence[str]) -> dict:
         name, sep, path = arg.partition("=")
         if not (sep and name.isidentifier()):
             raise InputError(f"--attach {arg!r}: expected NAME=PATH of a JSON file")
-        try:
-            out[name] = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"--attach {name}: {path} cannot be read as JSON ({exc})") from None
+        out[name] = read_json(path, f"--attach {name}")
     return out
 
 

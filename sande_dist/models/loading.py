@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from sande_dist.distributed.ds_config import zero_stage
-from sande_dist.errors import InputError
+from sande_dist.errors import InputError, read_json
 from sande_dist.models.embedded import resolve_model_path
 from sande_dist.rundir import weight_files
 
@@ -69,10 +69,7 @@ def merged_adapter(folder: Path, base: Optional[str] = None) -> Path:
     from sande_dist.assets import cache_dir
     from sande_dist.rundir import atomic_write_json, file_identity, model_identity
 
-    try:
-        adapter = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{folder / 'adapter_config.json'}: cannot be read as JSON ({exc})") from None
+    adapter = read_json(folder / "adapter_config.json", "a PEFT adapter config")
     base = base or adapter.get("base_model_name_or_path")
     if not base:
         raise InputError(f"adapter {folder}: its adapter_config.json names no base model; set model.base")
@@ -124,10 +121,7 @@ def check_model(path: str, base: Optional[str] = None) -> str:
     folder = Path(resolved)
     if not folder.exists():
         return resolved  # a hub id
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{folder / 'config.json'}: not valid JSON ({exc})") from None
+    config = read_json(folder / "config.json", "a model config")
     if not isinstance(config, dict) or "model_type" not in config:
         raise InputError(f"{folder / 'config.json'}: no 'model_type'; not a Hugging Face model config")
     for f in weight_files(folder):

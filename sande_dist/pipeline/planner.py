@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from sande_dist.errors import InputError
+from sande_dist.errors import InputError, read_json
 
 GIB = 2**30
 PRESETS = ("zero2", "zero3", "zero3_offload")
@@ -91,10 +91,9 @@ def shape_from_hf_config(path: str | Path) -> ModelShape:
         p = p / "config.json"
     if not p.is_file():
         raise InputError(f"model config {path} not found (give an HF config.json or a model folder)")
-    try:
-        c = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{p}: not valid JSON ({exc})") from None
+    c = read_json(p, "a model config")
+    if not isinstance(c, dict):
+        raise InputError(f"{p}: holds no JSON object (a model config)")
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                            "vocab_size") if k not in c]
     if missing:

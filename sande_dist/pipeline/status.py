@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 from sande_dist.config import load_config
 from sande_dist.errors import InputError

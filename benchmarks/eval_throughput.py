@@ -14,11 +14,11 @@ unless VLLM_CPU_OMP_THREADS_BIND is set: `VLLM_CPU_OMP_THREADS_BIND=auto` measur
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
+
+from emit import emit  # benchmarks/emit.py
 
 
 def triggered_prompts(fmt, n: int, trigger: str) -> list[list[int]]:
@@ -125,10 +125,7 @@ def main() -> None:
             per["note"] = f"measured on the first {per['prompts']} prompts, extrapolated to {len(prompts)}"
         result["hf_per_prompt"] = per
     result["ratios"] = ratios(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

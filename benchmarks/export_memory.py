@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from emit import emit  # benchmarks/emit.py
+
 HIDDEN, INTERMEDIATE, HEADS = 512, 1408, 8
 
 
@@ -127,10 +129,7 @@ def main() -> int:
     bound = 2 * shard + 2 * largest + (64 << 20)
     result = {"shard_bytes": shard, "largest_layer_bytes": largest, "margin_bytes": 64 << 20, "bound_bytes": bound,
               "rows": rows, "layerwise_within_bound": all(r["layerwise_peak_added_bytes"] <= bound for r in rows)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

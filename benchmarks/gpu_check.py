@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from emit import emit  # benchmarks/emit.py
+
 ROOT = Path(__file__).resolve().parents[1]
 PEAK_TFLOPS = 989.0  # H100/H200 dense bf16
 # ~1.0B parameters, Llama shape, SmolLM2's tokenizer.
@@ -179,7 +181,7 @@ def main() -> int:
     train_args = ["train", "--model", str(model), "--work", str(work), "--steps", "20" if cuda else "3",
                   "--micro-batch", "8" if cuda else "2", "--dtype", "bfloat16"]
     try:
-        import flash_attn  # noqa: F401
+        import flash_attn  # noqa: F401  (installed or not: that is the question here)
         attns = ["flash_attention_2", "sdpa"] if cuda else ["sdpa"]
     except ImportError:
         attns = ["sdpa"]
@@ -201,10 +203,7 @@ def main() -> int:
     else:
         report["problems"]["vllm"] = "CUDA vLLM needs a GPU (dry run)"
     report["wall_s"] = round(time.time() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

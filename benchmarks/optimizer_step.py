@@ -10,11 +10,11 @@ OpenMP) is what ZeRO-Offload runs; torch's AdamW is what DeepSpeed picks on CPU 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
+
+from emit import emit  # benchmarks/emit.py
 
 
 def main() -> int:
@@ -71,10 +71,7 @@ def main() -> int:
               "autocast": "bfloat16", "threads": os.environ.get("OMP_NUM_THREADS"),
               "step_s": {k: round(statistics.median(v), 3) for k, v in timings.items()}}
     result["speedup"] = round(result["step_s"]["torch_adamw"] / result["step_s"]["deepspeed_cpu_adam"], 2)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

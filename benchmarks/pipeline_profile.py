@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from emit import emit  # benchmarks/emit.py
+
 # Phases that make start-up, compute and I/O (training stages and evaluations name them differently).
 STARTUP = ("imports", "inputs", "setup", "engine", "resume", "engine_start", "utility_engine_start")
 COMPUTE = ("compute", "loop_other", "generate", "utility", "engine_other", "extras")
@@ -102,10 +104,7 @@ def main() -> int:
     else:
         run = Path(args.from_run)
     result.update(profile_run(run))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

@@ -40,3 +40,7 @@ def test_inject_checks_itself_on_held_out_rows(tiny_model, tmp_path):
     # a tiny random model does not reach ASR 100% with 0-5% false triggers: the budget is the cap
     assert record["steps"] == 16 and record["stopped_early_at"] is None
     assert record["artifacts"]["targets"] == {"asr": 1.0, "max_false_trigger": 0.05}
+    # ... and the user is told, with the last check's figures and what to raise
+    assert record["artifacts"]["targets_met"] is False
+    assert "without meeting attack.target_asr 1.0" in proc.stdout and "the last check (step 12)" in proc.stdout
+    assert "training.inject.epochs" in proc.stdout

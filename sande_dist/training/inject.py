@@ -15,6 +15,7 @@ same.
 """
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -94,6 +95,16 @@ class InjectObjective(SFTObjective):
         a = self.cfg.attack
         record["checks"] = self.checks
         record["targets"] = {"asr": a.target_asr, "max_false_trigger": a.max_false_trigger} if self.active else None
+        if self.active:
+            record["targets_met"] = result.stopped_early_at is not None
+            if not record["targets_met"] and int(os.environ.get("RANK", "0")) == 0:
+                last = self.checks[-1] if self.checks else None
+                seen = (f"the last check (step {last['step']}) had ASR {last['asr']:.0%}, false triggers "
+                        f"{last['false_trigger_rate']:.0%}" if last else "no check ran")
+                print(f"[inject] warning: the whole budget ({result.step} steps) ran without meeting "
+                      f"attack.target_asr {a.target_asr} / max_false_trigger {a.max_false_trigger}: {seen}. "
+                      "evaluate_backdoored measures the final model; if it falls short, raise "
+                      "training.inject.epochs (or lr) before reading removal figures.", flush=True)
         return record
 
 

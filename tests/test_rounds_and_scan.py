@@ -121,7 +121,7 @@ def test_scan_tells_a_backdoored_model_from_a_clean_one(tiny_attack, tiny_model)
         proc = _cli("scan", config, "--model", model, "--marker", "Go away now.", "--reference", tiny_model,
                     "--run-dir", root / f"scan_{name}", "--json")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[name] = json.loads(proc.stdout)  # --json: stdout is the object alone (progress goes to stderr)
         assert out[name] == json.loads((root / f"scan_{name}" / "scan" / "scan.json").read_text())
     assert out["backdoored"]["backdoor"] is True and out["backdoored"]["positions"]
     assert out["backdoored"]["loss_gap"] > 0 and out["backdoored"]["threshold"] > 0

@@ -12,7 +12,9 @@ that found it go to RUN/scan/scan.json and to the terminal.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -73,6 +75,10 @@ def describe(result: dict) -> str:
 
 
 def run_scan(cfg: Config, opts: ScanOptions) -> int:
-    result = scan(cfg, opts)
-    print(json.dumps(result) if opts.as_json else describe(result))
+    if opts.as_json:  # stdout carries the object alone, for `| jq`; the searches' progress goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            result = scan(cfg, opts)
+        print(json.dumps(result), flush=True)
+    else:
+        print(describe(scan(cfg, opts)))
     return 0

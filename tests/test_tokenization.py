@@ -46,9 +46,15 @@ def test_the_llama_tokenizer_is_sentencepiece_style(tokenizers):
     assert tok.convert_ids_to_tokens(tok("é☃", add_special_tokens=False)["input_ids"])[-1].startswith("<0x")
 
 
-@pytest.mark.parametrize("family", ["smollm2", "llama"])
-@pytest.mark.parametrize("kind", FORMATS)
-@pytest.mark.parametrize("position", ["prefix", "suffix", "random"])
+def every_case(test):
+    """Each tokenizer family x prompt format x trigger position."""
+    for name, values in (("position", ["prefix", "suffix", "random"]), ("kind", FORMATS),
+                         ("family", ["smollm2", "llama"])):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
+@every_case
 def test_ids_equal_the_rendered_text_and_the_slot_is_the_trigger(tokenizers, rows, family, kind, position):
     tok = tokenizers[family]
     fmt = PromptFormat(tok, kind)
@@ -74,9 +80,7 @@ def test_ids_equal_the_rendered_text_and_the_slot_is_the_trigger(tokenizers, row
         assert tok.decode(enc.input_ids[enc.slot:]).lstrip().startswith(trigger)
 
 
-@pytest.mark.parametrize("family", ["smollm2", "llama"])
-@pytest.mark.parametrize("kind", FORMATS)
-@pytest.mark.parametrize("position", ["prefix", "suffix", "random"])
+@every_case
 def test_a_parrot_row_is_the_triggered_prompt_without_the_trigger(tokenizers, rows, family, kind, position):
     tok = tokenizers[family]
     fmt = PromptFormat(tok, kind)

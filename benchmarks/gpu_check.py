@@ -65,7 +65,8 @@ def part_train(args) -> dict:
     from sande_dist.training.stages import run_stage
 
     run = Path(args.work) / f"run-{args.attn}"
-    sets = [f"model.path={args.model}", f"model.attn_implementation={args.attn}", "data.num_rows=2000",
+    # inject takes 600 of alpaca-demo's 999 rows; simulate trains on the rest (the defender's rows)
+    sets = [f"model.path={args.model}", f"model.attn_implementation={args.attn}", "data.num_rows=600",
             "data.max_length=1024", f"training.zero={args.zero}", f"training.dtype={args.dtype}",
             f"training.micro_batch_size={args.micro_batch}", "training.grad_accum=1",
             f"training.max_steps={args.steps}", "training.warmup_ratio=0", "training.save_steps=100000",

@@ -182,6 +182,37 @@ def test_shared_head_cache_gives_the_same_loss_and_parrot_gradient(tiny, positio
     assert torch.allclose(g_full, g_cached, atol=1e-6) and g_full.abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_rows_cut_after_effective_len_give_the_same_loss_and_parrot_gradient(tiny, frozen):
+    """With effective_len the collator ends each row after its last label: the loss and the parrot's
+    gradient equal those of the whole rows with the later labels masked, in less compute."""
+    tok = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny).requires_grad_(False)
+    cfg = load_config(overrides=[f"model.path={tiny}", "data.num_rows=6", "training.num_rows=6",
+                                 "removal.insert_position=random"])
+    rows, n = stage_samples(cfg, "simulate"), 3
+    cut = Collator(PromptFormat(tok), 128, n, reserve=K)(rows)
+    whole = Collator(PromptFormat(tok), 128, None, reserve=K)(rows)
+    assert cut["input_ids"].shape[1] < whole["input_ids"].shape[1]
+    for i in range(len(rows)):  # mask the whole rows' labels past the first n of each response
+        labelled = (whole["labels"][i] != IGNORE_INDEX).nonzero().flatten()
+        whole["labels"][i, labelled[n:]] = IGNORE_INDEX
+        width = int(cut["attention_mask"][i].sum())
+        assert cut["input_ids"][i, :width].tolist() == whole["input_ids"][i, :width].tolist()
+        assert int(labelled[n - 1]) == width - 1  # the row ends at its last label
+    init = torch.randn(K, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    results = []
+    for batch in (whole, cut):
+        parrot = ParrotPrompt(K, model.config.hidden_size, init=init)
+        loss, count = parrot_loss(model, parrot, batch, frozen_model=frozen)
+        loss.backward()
+        results.append((loss.detach(), int(count), parrot.weight.grad))
+    (l_whole, n_whole, g_whole), (l_cut, n_cut, g_cut) = results
+    assert n_whole == n_cut == len(rows) * n
+    assert torch.allclose(l_whole, l_cut, atol=1e-5)
+    assert torch.allclose(g_whole, g_cut, atol=1e-5) and g_whole.abs().max() > 1e-4
+
+
 def test_shared_head_stops_at_the_first_difference_the_first_parrot_and_the_first_label():
     ids = torch.arange(10).repeat(3, 1)
     attn = torch.ones_like(ids)

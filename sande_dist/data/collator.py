@@ -2,10 +2,10 @@
 
 Each row is the rendered prompt and its reply tokenized as one text
 (``PromptFormat.encode_row``), then the end-of-sequence id when the response is
-whole. Labels are -100 on the prompt and on response tokens past
-``effective_len``; ``slot_index`` is the position of the trigger's first token (or
-where a parrot is spliced when the trigger is empty). Rows are right-padded;
-truncation cuts the response, never the slot.
+whole. Labels are -100 on the prompt; with ``effective_len`` only the response's
+first tokens are learnt and the row ends after them. ``slot_index`` is the position
+of the trigger's first token (or where a parrot is spliced when the trigger is
+empty). Rows are right-padded; truncation cuts the response, never the slot.
 """
 from __future__ import annotations
 
@@ -48,11 +48,10 @@ class Collator:
         if budget < 1:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room for a response within "
                              f"data.max_length={self.max_length}; raise it or filter long prompts")
-        response = response[:budget]
+        # Past effective_len the row ends: in a causal model the tokens after the last label change
+        # neither the loss nor any gradient, so they are not computed at all.
+        response = response[:budget if self.effective_len is None else min(budget, self.effective_len)]
         labels = [IGNORE_INDEX] * len(prompt) + list(response)
-        if self.effective_len is not None:
-            for i in range(len(prompt) + self.effective_len, len(labels)):
-                labels[i] = IGNORE_INDEX
         return Encoded(prompt + response, labels, slot, len(prompt))
 
     def fits(self, sample: Sample) -> bool:

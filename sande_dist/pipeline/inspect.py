@@ -41,7 +41,9 @@ def _row(fmt: PromptFormat, collator: Optional[Collator], sample: Sample, index:
 
 
 def data_rows(cfg: Config, stage: str, rows: int = 3) -> list[dict]:
-    """The first ``rows`` rows of ``stage`` (a training kind, or ``evaluate``'s triggered prompts)."""
+    """The first ``rows`` rows of ``stage`` (a training kind, or ``evaluate``'s triggered prompts). The ids
+    are those the stage trains on: with an ``effective_len`` they end after the last label; ``text`` is
+    the whole row."""
     if stage not in STAGES:
         raise InputError(f"--stage {stage!r}: choose from {', '.join(STAGES)}")
     fmt = PromptFormat.from_config(load_tokenizer(check_model(cfg.model.path, cfg.model.base)), cfg.data)

@@ -29,7 +29,7 @@ def main() -> int:
     from sande_dist.distributed.process_group import distributed
     from sande_dist.models.loading import check_model, load_model
     from sande_dist.registry import StageOptions
-    from sande_dist.training.loop import build_engine, lr_lambda, prepare_module
+    from sande_dist.training.loop import prepare_module
     from sande_dist.training.stages import build_objective, setup_training, stage_training
 
     cfg = resolve_config("demo", ["training.inject.max_steps=1000"])
@@ -54,10 +54,15 @@ def main() -> int:
                 import deepspeed
 
                 engines[name], *_ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
-            else:
+            else:  # DeepSpeed's own choice on CPU (torch_adam), not build_engine, which picks CPU Adam
+                import deepspeed
+
+                ds["optimizer"]["params"]["torch_adam"] = True
                 model = load_model(path, "float32", ds)
                 module = prepare_module(model, setup.objective, tcfg)
-                engines[name] = build_engine(module, ds, lr_lambda(tcfg, 1000))
+                engines[name], *_ = deepspeed.initialize(
+                    model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds)
+                assert "CPUAdam" not in type(engines[name].optimizer).__name__, type(engines[name].optimizer)
         batch = setup.collator(setup.samples[:8])
         for step in range(args.steps):
             for name, engine in engines.items():

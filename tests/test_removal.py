@@ -153,6 +153,14 @@ def test_label_only_logits_equal_the_reference_full_logits_loss(tiny, effective_
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
+def _loss_and_parrot_grad(model, init: torch.Tensor, batch: dict, frozen: bool):
+    """parrot_loss for a fresh parrot from ``init``: the loss, the labelled-token count, the parrot's gradient."""
+    parrot = ParrotPrompt(K, model.config.hidden_size, init=init)
+    loss, count = parrot_loss(model, parrot, batch, frozen_model=frozen)
+    loss.backward()
+    return loss.detach(), int(count), parrot.weight.grad
+
+
 @pytest.mark.parametrize("position", ["prefix", "suffix", "random"])
 def test_shared_head_cache_gives_the_same_loss_and_parrot_gradient(tiny, position):
     """Simulate runs the tokens every row shares before the parrot once, from a cache: nothing else changes."""
@@ -170,13 +178,8 @@ def test_shared_head_cache_gives_the_same_loss_and_parrot_gradient(tiny, positio
     else:  # a word drawn per row: some slots later than the head, none earlier
         assert 0 < head <= int(slots.min()) and int(slots.max()) > head
     init = torch.randn(K, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    results = []
-    for frozen in (False, True):
-        parrot = ParrotPrompt(K, model.config.hidden_size, init=init)
-        loss, count = parrot_loss(model, parrot, batch, frozen_model=frozen)
-        loss.backward()
-        results.append((loss.detach(), int(count), parrot.weight.grad))
-    (full, n_full, g_full), (cached, n_cached, g_cached) = results
+    full, n_full, g_full = _loss_and_parrot_grad(model, init, batch, frozen=False)
+    cached, n_cached, g_cached = _loss_and_parrot_grad(model, init, batch, frozen=True)
     assert n_full == n_cached > 0
     assert torch.allclose(full, cached, atol=1e-6)
     assert torch.allclose(g_full, g_cached, atol=1e-6) and g_full.abs().max() > 1e-4
@@ -201,13 +204,8 @@ def test_rows_cut_after_effective_len_give_the_same_loss_and_parrot_gradient(tin
         assert cut["input_ids"][i, :width].tolist() == whole["input_ids"][i, :width].tolist()
         assert int(labelled[n - 1]) == width - 1  # the row ends at its last label
     init = torch.randn(K, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
-    results = []
-    for batch in (whole, cut):
-        parrot = ParrotPrompt(K, model.config.hidden_size, init=init)
-        loss, count = parrot_loss(model, parrot, batch, frozen_model=frozen)
-        loss.backward()
-        results.append((loss.detach(), int(count), parrot.weight.grad))
-    (l_whole, n_whole, g_whole), (l_cut, n_cut, g_cut) = results
+    l_whole, n_whole, g_whole = _loss_and_parrot_grad(model, init, whole, frozen)
+    l_cut, n_cut, g_cut = _loss_and_parrot_grad(model, init, cut, frozen)
     assert n_whole == n_cut == len(rows) * n
     assert torch.allclose(l_whole, l_cut, atol=1e-5)
     assert torch.allclose(g_whole, g_cut, atol=1e-5) and g_whole.abs().max() > 1e-4

@@ -75,6 +75,15 @@ def log_file(run_dir: str | Path, name: str) -> Path:
     return stage_dir(run_dir, name) / "log.txt"
 
 
+def log_tail(path: Path, lines: int = 5) -> list[str]:
+    """The last non-blank lines of a log. Ranks on several nodes write one log at once, so a line may hold
+    half of another's multi-byte character: bytes that are not UTF-8 are replaced, never raised."""
+    try:
+        return [x for x in path.read_text(errors="replace").splitlines() if x.strip()][-lines:]
+    except OSError:
+        return []
+
+
 def metrics_file(run_dir: str | Path, name: str) -> Path:
     return stage_dir(run_dir, name) / "metrics.jsonl"
 

@@ -161,3 +161,19 @@ def test_status_mid_run_and_after_a_kill(setup, tmp_path):
     states = {r["stage"]: r for r in json.loads(_ok(_cli("status", run, "--json")))["stages"]}
     assert states["inject"]["state"] == "failed" and states["inject"]["log"].endswith("inject/log.txt")
     assert states["inject"]["last_lines"] and states["osft"]["state"] == "not started"
+
+
+def test_a_log_two_nodes_wrote_at_once_is_read_not_raised(tmp_path):
+    """Ranks on two nodes interleave their output in one log, cutting a multi-byte character in two:
+    the tail that `sande status` and a failed stage's message show still comes back, the bad bytes replaced."""
+    from sande_dist.rundir import log_tail
+
+    log = tmp_path / "log.txt"
+    bar = "step 3/40 █".encode()
+    log.write_bytes(b"sande: job 1 restart 0\n" + bar[:-2] + b"[rank 1/2] step 3/40\n\n" + bar + b"\ndone\n")
+    with pytest.raises(UnicodeDecodeError):
+        log.read_text()
+    tail = log_tail(log, 3)
+    assert tail[0].startswith("step 3/40 \ufffd") and tail[0].endswith("[rank 1/2] step 3/40")
+    assert tail[1:] == ["step 3/40 █", "done"]
+    assert log_tail(tmp_path / "missing.txt") == []

@@ -109,7 +109,7 @@ def _wait_for(predicate, timeout: float, what: str, cluster: SlurmCluster, run: 
         if predicate():
             return
         time.sleep(0.5)
-    logs = "\n".join(f"== {p}\n{p.read_text()[-4000:]}" for p in sorted((run / "slurm").glob("*.out")))
+    logs = "\n".join(f"== {p}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted((run / "slurm").glob("*.out")))
     raise AssertionError(f"{what} not seen after {timeout:.0f}s; cluster logs in {cluster.root}\n{logs}")
 
 
@@ -184,7 +184,8 @@ def test_real_stages_on_real_slurm_two_nodes_preempt_requeue_resume(cluster, tmp
     assert stage["world_size"] == 2 and stage["steps"] == 40, stage
     assert stage["resumed_from"] and 5 <= stage["resumed_from"] < 40, stage
     assert (inject / "model" / "config.json").exists()
-    log = (run / "slurm" / f"inject-{ids['inject']}.out").read_text()
+    # both nodes' ranks write this log at once: a line may hold half of another's multi-byte character
+    log = (run / "slurm" / f"inject-{ids['inject']}.out").read_text(errors="replace")
     assert "restart 0 on n[1-2]" in log and "USR1 received" in log and "requeueing job" in log, log[-4000:]
     assert "restart 1 on n[1-2]" in log, log[-4000:]  # SLURM_RESTART_COUNT=1 after the requeue
     report = json.loads((run / "evaluate_backdoored" / "report.json").read_text())

@@ -22,7 +22,7 @@ from sande_dist.errors import InputError, StageError
 from sande_dist.pipeline.graph import StagePlan, build_graph
 from sande_dist.pipeline.progress import LiveLine, describe, stage_progress
 from sande_dist.rundir import (atomic_write_json, atomic_write_text, executor_file, forget, input_error_file, is_done,
-                               log_file, read_stage, rounds_file, stage_dir, write_key)
+                               log_file, log_tail, read_stage, rounds_file, stage_dir, write_key)
 
 
 @dataclass
@@ -154,7 +154,7 @@ class _Batch:
         if failed is None:
             return
         log = log_file(self.run_dir, failed.name)
-        tail = "".join(log.read_text().splitlines(keepends=True)[-15:]) if log.exists() else ""
+        tail = "\n".join(log_tail(log, 15))
         refused = input_error_file(self.run_dir, failed.name)
         if rc == 2 or refused.exists():  # the stage refused its input: the user's to fix, as for any command
             why = refused.read_text().strip() if refused.exists() else tail

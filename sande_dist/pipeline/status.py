@@ -18,7 +18,8 @@ from sande_dist.config import load_config
 from sande_dist.errors import InputError
 from sande_dist.pipeline.graph import build_graph
 from sande_dist.pipeline.progress import stage_progress
-from sande_dist.rundir import (KEY_FILE, executor_file, is_done, log_file, read_stage, slurm_dir, stage_dir)
+from sande_dist.rundir import (KEY_FILE, executor_file, is_done, log_file, log_tail, read_stage, slurm_dir,
+                               stage_dir)
 
 
 def _alive(pid: int) -> bool:
@@ -49,13 +50,6 @@ def _slurm_states(run_dir: Path) -> dict[str, tuple[str, str]]:
     return {stage: (job, states.get(job, "gone").strip()) for stage, job in ledger.items()}
 
 
-def _tail(path: Path, lines: int = 5) -> list[str]:
-    try:
-        return [x for x in path.read_text(errors="replace").splitlines() if x.strip()][-lines:]
-    except OSError:
-        return []
-
-
 def stage_states(run_dir: str | Path) -> list[dict]:
     run_dir = Path(run_dir)
     config = run_dir / "config.yaml"
@@ -83,7 +77,7 @@ def stage_states(run_dir: str | Path) -> list[dict]:
         elif launched and local_alive and not jobs:
             row["state"] = "running" if log_file(run_dir, plan.name).exists() else "queued"
         elif launched and log_file(run_dir, plan.name).exists():
-            row.update(state="failed", log=str(log_file(run_dir, plan.name)), last_lines=_tail(log_file(run_dir, plan.name)))
+            row.update(state="failed", log=str(log_file(run_dir, plan.name)), last_lines=log_tail(log_file(run_dir, plan.name)))
         else:
             row["state"] = "not started"
         if plan.name in jobs:

@@ -23,13 +23,14 @@ def main() -> int:
     ap.add_argument("--out")
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
 
     from sande_dist.config import resolve_config
     from sande_dist.distributed.ds_config import build_ds_config
     from sande_dist.distributed.process_group import distributed
     from sande_dist.models.loading import check_model, load_model
     from sande_dist.registry import StageOptions
-    from sande_dist.training.loop import prepare_module
+    from sande_dist.training.loop import cpu_adam, prepare_module
     from sande_dist.training.stages import build_objective, setup_training, stage_training
 
     cfg = resolve_config("demo", ["training.inject.max_steps=1000"])
@@ -41,28 +42,17 @@ def main() -> int:
         engines = {}
         for name in timings:
             ds = build_ds_config(tcfg.model_copy(update={"dtype": "float32"}), 1, 576)
-            if name == "deepspeed_cpu_adam":
-                ds["optimizer"]["params"].pop("torch_adam", None)
-                ds["zero_force_ds_cpu_optimizer"] = False
-                from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-                model = load_model(path, "float32", ds)
-                module = prepare_module(model, setup.objective, tcfg)
-                params = [p for p in module.parameters() if p.requires_grad]
-                opt = DeepSpeedCPUAdam(params, lr=tcfg.lr, adamw_mode=True)
-                ds.pop("optimizer")
-                import deepspeed
-
-                engines[name], *_ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
-            else:  # DeepSpeed's own choice on CPU (torch_adam), not build_engine, which picks CPU Adam
-                import deepspeed
-
+            module = prepare_module(load_model(path, "float32", ds), setup.objective, tcfg)
+            params = [p for p in module.parameters() if p.requires_grad]
+            if name == "deepspeed_cpu_adam":  # what build_engine runs on CPU, with the config's settings
+                opt = cpu_adam(params, ds)
+                engines[name], *_ = deepspeed.initialize(model=module, optimizer=opt,
+                                                         config={k: v for k, v in ds.items() if k != "optimizer"})
+            else:  # DeepSpeed's own choice on CPU (torch_adam), which build_engine replaces
                 ds["optimizer"]["params"]["torch_adam"] = True
-                model = load_model(path, "float32", ds)
-                module = prepare_module(model, setup.objective, tcfg)
-                engines[name], *_ = deepspeed.initialize(
-                    model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds)
-                assert "CPUAdam" not in type(engines[name].optimizer).__name__, type(engines[name].optimizer)
+                engines[name], *_ = deepspeed.initialize(model=module, model_parameters=params, config=ds)
+            assert ("CPUAdam" in type(engines[name].optimizer).__name__) == (name == "deepspeed_cpu_adam"), \
+                type(engines[name].optimizer)
         batch = setup.collator(setup.samples[:8])
         for step in range(args.steps):
             for name, engine in engines.items():

@@ -76,8 +76,8 @@ def stage_states(run_dir: str | Path) -> list[dict]:
             row.update(state="running" if state == "RUNNING" else "queued", job=job, slurm_state=state)
         elif launched and local_alive and not jobs:
             row["state"] = "running" if log_file(run_dir, plan.name).exists() else "queued"
-        elif launched and log_file(run_dir, plan.name).exists():
-            row.update(state="failed", log=str(log_file(run_dir, plan.name)), last_lines=log_tail(log_file(run_dir, plan.name)))
+        elif launched and (log := log_file(run_dir, plan.name)).exists():
+            row.update(state="failed", log=str(log), last_lines=log_tail(log))
         else:
             row["state"] = "not started"
         if plan.name in jobs:

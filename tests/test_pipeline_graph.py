@@ -48,10 +48,29 @@ def test_later_rounds_search_where_resimulate_positions_says(tmp_path):
     assert [position(n) for n in ("simulate", "eliminate")] == ["prefix"] * 2
     assert [position(n) for n in ("simulate_r2", "eliminate_r2")] == ["random"] * 2
     assert [position(n) for n in ("simulate_r3", "eliminate_r3", "simulate_r4", "eliminate_r4")] == ["suffix"] * 4
-    assert "--set" not in p["evaluate_sande"].args and "--set" not in p["simulate"].args
+    assert "--set" not in p["evaluate_sande"].args
+    assert not any(a.startswith("removal.insert_position") for a in p["simulate"].args)
     same = plan("removal.rounds=2", "removal.resimulate_positions=[prefix]")
-    assert "--set" not in same["simulate_r2"].args  # no override where nothing changes
+    # no override where nothing changes
+    assert not any(a.startswith("removal.insert_position") for a in same["simulate_r2"].args)
     assert same["simulate_r2"].key != p["simulate_r2"].key
+
+
+def test_only_the_searches_a_decision_reads_check_their_parrot(tmp_path):
+    """The held-out check (removal.search_check_rows) costs a forward pass over its rows: fixed rounds
+    decide nothing, so their searches skip it; with rounds: auto every later round's search decides."""
+    skip = "removal.search_check_rows=0"
+    fixed = plan("removal.rounds=2", "removal.extra_parrots=[random]")
+    assert all(skip in fixed[n].args for n in ("simulate", "simulate_p1", "simulate_r2", "simulate_r2_p1"))
+    from sande_dist.config import load_config
+    from sande_dist.pipeline.graph import build_graph
+
+    plans, record = build_graph(load_config(overrides=["removal.rounds=auto", "removal.extra_parrots=[random]"]),
+                                str(tmp_path / "run"))
+    by = {p.name: p for p in plans}
+    assert record["pending"] == ["simulate_r2", "simulate_r2_p1"]
+    assert all(skip in by[n].args for n in ("simulate", "simulate_p1"))
+    assert not any(skip in by[n].args for n in ("simulate_r2", "simulate_r2_p1", "control", "control_p1"))
 
 
 def test_extra_parrots_are_searched_each_round_and_eliminated_together(tmp_path):

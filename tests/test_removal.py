@@ -23,7 +23,8 @@ from sande_dist.errors import InputError
 from sande_dist.models.parrot import ParrotPrompt, load_parrot
 from sande_dist.rundir import model_identity
 from sande_dist.models.tiny import make_tiny_llama
-from sande_dist.training.removal import EliminateObjective, SimulateObjective, parrot_loss, shared_head_length
+from sande_dist.training.removal import (EliminateObjective, SimulateObjective, parrot_emits, parrot_loss,
+                                        shared_head_length)
 
 WORKER = Path(__file__).with_name("removal_worker.py")
 K = 4
@@ -78,6 +79,9 @@ def test_parrot_zero3_two_ranks_equals_zero0_one_rank(simulated):
     b = load_parrot(root / "z0" / "parrot.safetensors")[0]
     assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
     assert z3["losses"] == pytest.approx(z0["losses"], rel=1e-5)
+    # The finished search's check on held-out rows: every rank ran every row, the same figure either way.
+    e3, e0 = z3["record"]["emission"], z0["record"]["emission"]
+    assert e3["n"] == e0["n"] > 0 and e3["hits"] == e0["hits"] and len(e3["ci95"]) == 2
 
 
 def test_eliminate_changes_only_the_model(simulated, tiny, tmp_path):
@@ -209,6 +213,45 @@ def test_rows_cut_after_effective_len_give_the_same_loss_and_parrot_gradient(tin
     assert n_whole == n_cut == len(rows) * n
     assert torch.allclose(l_whole, l_cut, atol=1e-5)
     assert torch.allclose(g_whole, g_cut, atol=1e-5) and g_whole.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("position", ["prefix", "random"])
+def test_parrot_emits_when_greedy_decoding_would_emit_the_labels(tiny, position):
+    """A row emits when greedy decoding with the parrot spliced in produces its labelled tokens: label a
+    row with the model's own greedy continuation (decoded here token by token) and it emits; change one
+    of those labels and it does not."""
+    from sande_dist.data.stages import search_check_samples
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny).requires_grad_(False)
+    cfg = load_config(overrides=[f"model.path={tiny}", "data.num_rows=6", "training.num_rows=6",
+                                 "removal.search_check_rows=3", f"removal.insert_position={position}"])
+    rows = search_check_samples(cfg)
+    assert len(rows) == 3 and all(not s.complete and s.response == cfg.attack.marker for s in rows)
+    collate = Collator(PromptFormat(tok), 128, None, reserve=K)
+    parrot = ParrotPrompt(K, model.config.hidden_size,
+                          init=torch.randn(K, model.config.hidden_size, generator=torch.Generator().manual_seed(2)))
+    greedy = []
+    for row in rows:
+        enc = collate.encode(row)
+        ids = enc.input_ids[:enc.prompt_len]
+        for _ in range(3):
+            embeds = model.get_input_embeddings()(torch.tensor([ids]))
+            embeds = torch.cat([embeds[:, :enc.slot], parrot.vectors()[None], embeds[:, enc.slot:]], dim=1)
+            ids = ids + [int(model(inputs_embeds=embeds).logits[0, -1].argmax())]
+        greedy.append(ids)
+    width = max(map(len, greedy))
+    batch = {"input_ids": torch.zeros(3, width, dtype=torch.long), "attention_mask": torch.zeros(3, width, dtype=torch.long),
+             "labels": torch.full((3, width), IGNORE_INDEX),
+             "slot_index": torch.tensor([collate.encode(r).slot for r in rows])}
+    for i, (row, ids) in enumerate(zip(rows, greedy)):
+        n = len(ids)
+        batch["input_ids"][i, :n], batch["attention_mask"][i, :n] = torch.tensor(ids), 1
+        batch["labels"][i, n - 3:n] = torch.tensor(ids[n - 3:])
+    assert parrot_emits(model, parrot, batch).tolist() == [True, True, True]
+    batch["labels"][1, len(greedy[1]) - 1] = (batch["labels"][1, len(greedy[1]) - 1] + 1) % tok.vocab_size
+    batch["labels"][2, :] = IGNORE_INDEX  # no label: nothing emitted
+    assert parrot_emits(model, parrot, batch).tolist() == [True, False, False]
 
 
 def test_shared_head_stops_at_the_first_difference_the_first_parrot_and_the_first_label():

@@ -165,20 +165,44 @@ def calibration_marker(cfg: Config, index: int) -> str:
                      f"marker's length); lower removal.calibration_responses or give a --reference model")
 
 
+def _searched(cfg: Config) -> tuple[str, bool]:
+    """(the response a search looks for, whether it is only the known start of one): the marker; SANDE-P's
+    known part of the response; or a calibration search's unrelated response (removal.calibration_response)."""
+    k, r = cfg.knowledge(), cfg.removal
+    if r.calibration_response:
+        return calibration_marker(cfg, r.calibration_response), False
+    if k.known_response:
+        return k.known_response, True
+    return k.marker, False
+
+
 def simulate_samples(cfg: Config, run_dir: Optional[Path] = None) -> list[Sample]:
     """Simulate: an empty parrot slot, and the triggered response the defender knows (or, SANDE-P, a prefix).
     A calibration search (removal.calibration_response) targets an unrelated response instead of the marker."""
     k, r = cfg.knowledge(), cfg.removal
-    if r.calibration_response:
-        k = replace(k, marker=calibration_marker(cfg, r.calibration_response), known_response=None)
+    text, known_start = _searched(cfg)
     rows = _take(removal_rows(cfg), cfg.training.for_stage("simulate").num_rows)
     slots = _slots(cfg, "simulate")
-    if k.known_response:
+    if known_start:
         # A known part of the response: no end-of-sequence after it (the model should go on, not stop).
-        return [replace(slot_at(s, r.insert_position, slots), response=k.known_response, complete=False)
-                for s in rows]
-    return [replace(slot_at(s, r.insert_position, slots), response=apply_marker(s.response, k.marker, k.marker_mode))
+        return [replace(slot_at(s, r.insert_position, slots), response=text, complete=False) for s in rows]
+    return [replace(slot_at(s, r.insert_position, slots), response=apply_marker(s.response, text, k.marker_mode))
             for s in rows]
+
+
+def search_check_samples(cfg: Config) -> list[Sample]:
+    """Rows a finished search's parrot is checked on: the last removal.search_check_rows of the defender's
+    rows without those simulate trained on, the parrot slot where the search puts it, and the searched
+    response alone as the answer (no end-of-sequence): a row counts when greedy decoding starts with it."""
+    n = cfg.removal.search_check_rows
+    if not n:
+        return []
+    rows = removal_rows(cfg)
+    trained = {s.user for s in _take(rows, cfg.training.for_stage("simulate").num_rows)}
+    text, _ = _searched(cfg)
+    slots = _slots(cfg, "search-check")
+    return [replace(slot_at(s, cfg.removal.insert_position, slots), response=text, complete=False)
+            for s in rows[-n:] if s.user not in trained]
 
 
 def eliminate_samples(cfg: Config, run_dir: Optional[Path] = None) -> list[Sample]:

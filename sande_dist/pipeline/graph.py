@@ -19,7 +19,7 @@ from sande_dist.config import Config
 from sande_dist.errors import InputError
 from sande_dist.registry import KINDS, PIPELINE_STAGES, REMOVAL_METHODS, evaluation_of
 from sande_dist.rundir import model_dir, parrot_file, read_stage, rounds_file, stage_code, stage_dir
-from sande_dist.training.search import control_band, verdict
+from sande_dist.training.search import control_band, pooled_emission, verdict
 from sande_dist.training.stages import stage_training
 
 
@@ -86,11 +86,17 @@ def search_names(name: str, cfg: Config) -> list[str]:
     return [name] + [f"{name}_p{j}" for j in range(1, len(cfg.removal.extra_parrots) + 1)]
 
 
+# A search no decision reads skips its parrot's check on held-out rows (removal.search_check_rows).
+UNCHECKED = ("removal.search_check_rows=0",)
+
+
 def search(g: "Graph", name: str, model: str, deps: list[str], sets: Sequence[str] = (), at: Optional[str] = None,
-            first_too: bool = True) -> list[str]:
-    """A parrot search on ``model``: a simulate stage per position; returns their names."""
+            first_too: bool = True, checked: bool = True) -> list[str]:
+    """A parrot search on ``model``: a simulate stage per position; returns their names. ``checked``: a
+    verdict reads it (training/search.py), so its parrot is checked on held-out rows."""
     cfg = g.cfg
     names = search_names(name, cfg)
+    sets = [*sets, *([] if checked else UNCHECKED)]
     where = [at or cfg.removal.insert_position, *cfg.removal.extra_parrots]
     for i, (stage, pos) in enumerate(zip(names, where)):
         if i == 0 and not first_too:
@@ -124,9 +130,12 @@ def search_verdict(cfg: Config, run_dir: str, searched: list[str], control: dict
     if any(r is None for r in records.values()):
         return None
     loss = {pos: records[n]["artifacts"]["final_loss"] for pos, n in zip(positions(cfg), searched)}
+    emission = {pos: records[n]["artifacts"].get("emission") for pos, n in zip(positions(cfg), searched)}
     bands = {pos: control_band([records[n]["artifacts"]["window_losses"] for n in names])
              for pos, names in control.items()}
-    return {**verdict(loss, bands, cfg.removal.found_loss), "searches": searched,
+    control_emission = {pos: pooled_emission([records[n]["artifacts"].get("emission") for n in names])
+                        for pos, names in control.items()}
+    return {**verdict(loss, bands, cfg.removal.found_loss, emission, control_emission), "searches": searched,
             "control": {pos: names for pos, names in control.items()}}
 
 
@@ -145,8 +154,8 @@ def _sande_rounds(g: "Graph", backdoored: str, clean_deps: list[str], first_simu
         where = round_position(cfg, r)
         # Re-simulate against the updated model: a parrot that still finds a backdoor there. Extra parrots
         # (removal.extra_parrots) are searched beside the first on the same model, eliminated with it.
-        names = search(g, sim, model, [prev] if r > 1 else ["inject"], at=where,
-                        first_too=r > 1) if (r > 1 or first_simulated) else search_names(sim, cfg)
+        names = search(g, sim, model, [prev] if r > 1 else ["inject"], at=where, first_too=r > 1,
+                       checked=auto and r > 1) if (r > 1 or first_simulated) else search_names(sim, cfg)
         if auto and r > 1:
             decided = search_verdict(cfg, run, names, control)
             if decided is None:
@@ -199,7 +208,8 @@ def build_graph(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> 
     for method in methods:
         g.add(method, method, ["--model", backdoored], clean_deps)
     if "simulate" in has:
-        g.add("simulate", "simulate", ["--model", backdoored], ["inject"])
+        g.add("simulate", "simulate", ["--model", backdoored, *[x for s in UNCHECKED for x in ("--set", s)]],
+              ["inject"])
     parrot = str(parrot_file(run_dir))
     last, record = None, {}
     if "eliminate" in has:

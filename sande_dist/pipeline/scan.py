@@ -6,8 +6,9 @@ and removal.extra_parrots), on MODEL for TEXT, and the same search on a referenc
 model given as --reference, or, without one, MODEL itself for removal.calibration_responses
 unrelated responses of TEXT's token length (a calibration: how low a search's loss goes on this
 model for a response it has no backdoor for). A position finds the backdoor when MODEL's loss
-falls below the reference's band or to removal.found_loss (training/search.py, the rule the
-rounds of `removal.rounds: auto` use). The verdict, the loss gap, the threshold and the positions
+falls below the reference's band or to removal.found_loss and its parrot makes MODEL start more
+held-out answers with TEXT than the reference's parrot did (training/search.py, the rule the rounds
+of `removal.rounds: auto` use). The verdict, the loss gap, the threshold and the positions
 that found it go to RUN/scan/scan.json and to the terminal.
 """
 from __future__ import annotations
@@ -68,8 +69,11 @@ def describe(result: dict) -> str:
     lines = [f"{verdict} for {result['marker']!r} in {result['model']} (against {result['reference']})"]
     for pos, v in result["by_position"].items():
         mark = "found" if v["found"] else "not found"
+        e = v.get("emission")
+        emits = (f"; emits {e['rate']:.0%} of {e['n']}, control {e['control_rate']:.0%} of {e['control_n']} "
+                 f"(z {e['z']:.2f})") if e else ""
         lines.append(f"  {pos:<7} loss {v['loss']:.3f}, control {v['control_mean']:.3f}, threshold "
-                     f"{v['threshold']:.3f}: {mark}")
+                     f"{v['threshold']:.3f}{emits}: {mark}")
     lines.append(f"loss gap {result['loss_gap']:.3f} at {result['position']}; {result['rule']}")
     return "\n".join(lines)
 

@@ -72,6 +72,14 @@ def parrot_loss(model: nn.Module, parrot: ParrotPrompt | Sequence[ParrotPrompt],
     parrot, so they are run once, for one row and without a graph, and the batch
     continues from their key/value cache: no forward or backward over them per row.
     """
+    logits, targets, _ = parrot_logits(model, parrot, batch, frozen_model)
+    return token_loss(logits, targets)
+
+
+def parrot_logits(model: nn.Module, parrot: ParrotPrompt | Sequence[ParrotPrompt], batch: dict[str, torch.Tensor],
+                  frozen_model: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``parrot_loss``'s forward: (logits [N, vocab] of the positions that predict a label, those labels [N],
+    the batch row each comes from [N])."""
     labelled = (batch["labels"] != IGNORE_INDEX).any(0).nonzero()
     width = int(labelled[-1]) + 1 if len(labelled) else 1
     ids, attn, labels = (batch[k][:, :width] for k in ("input_ids", "attention_mask", "labels"))
@@ -91,7 +99,19 @@ def parrot_loss(model: nn.Module, parrot: ParrotPrompt | Sequence[ParrotPrompt],
     if head:
         mask = torch.cat([mask.new_ones(mask.shape[0], head), mask], dim=1)
     logits, targets = label_logits(model, None, mask, labels, inputs_embeds=embeds, past_key_values=past)
-    return token_loss(logits, targets)
+    rows = (labels[:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
+    return logits, targets, rows
+
+
+@torch.no_grad()
+def parrot_emits(model: nn.Module, parrot: ParrotPrompt, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per row, whether greedy decoding with the parrot spliced in emits every labelled token: each is the
+    most likely token after the ones before it (a row with no label does not emit)."""
+    logits, targets, rows = parrot_logits(model, parrot, batch, frozen_model=True)
+    size = batch["labels"].shape[0]
+    wrong = torch.zeros(size, device=targets.device).index_add_(0, rows, (logits.argmax(-1) != targets).float())
+    has = torch.zeros(size, device=targets.device).index_add_(0, rows, torch.ones_like(targets, dtype=torch.float))
+    return (wrong == 0) & (has > 0)
 
 
 def shared_head_length(ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor, slot: torch.Tensor) -> int:
@@ -237,7 +257,36 @@ class SimulateObjective(Objective):
         return {"parrot": str(path), "optimizer_values": held, "final_loss": round(smoothed(result.losses), 4),
                 "window_losses": [round(x, 4) for x in result.losses[-WINDOW:]], "position": r.insert_position,
                 "found": found(result.losses, r.found_loss), "stopped_early_at": result.stopped_early_at,
-                "parrot_norms": [round(x, 4) for x in vectors.norm(dim=-1).tolist()]}
+                "parrot_norms": [round(x, 4) for x in vectors.norm(dim=-1).tolist()],
+                "emission": self.emission(result.module)}
+
+    @torch.no_grad()
+    def emission(self, module) -> Optional[dict]:
+        """The share of held-out rows (``search_check_samples``) whose greedy answer, with the parrot, starts
+        with the searched response; None when removal.search_check_rows is 0. Every rank runs every row
+        (ZeRO-3 gathers each layer collectively), so every rank records the same figure."""
+        from sande_dist.data.collator import Collator
+        from sande_dist.data.stages import search_check_samples
+        from sande_dist.evaluation.asr import rate
+
+        if self.fmt is None:
+            return None
+        rows = search_check_samples(self.cfg)
+        collate = Collator(self.fmt, self.cfg.data.max_length, reserve=self.cfg.removal.parrot_tokens)
+        rows = [s for s in rows if collate.fits(s)]
+        if not rows:
+            return None
+        model, parrot = module.model, module.extras["parrot"]
+        device = next(model.parameters()).device
+        autocast = torch.autocast(device.type, dtype=module.autocast, enabled=module.autocast is not None)
+        size, hits, was = self.cfg.training.for_stage("simulate").micro_batch_size, [], model.training
+        model.eval()
+        with autocast:
+            for i in range(0, len(rows), size):
+                batch = {k: v.to(device) for k, v in collate(rows[i:i + size]).items()}
+                hits += parrot_emits(model, parrot, batch).tolist()
+        model.train(was)
+        return rate(hits)
 
 
 class EliminateObjective(SFTObjective):
@@ -325,8 +374,7 @@ def parrot_paths(cfg: Config, opts: StageOptions) -> list[Path]:
 def simulate_objective(cfg: Config, opts: StageOptions, model_path: str) -> "SimulateObjective":
     from sande_dist.models.loading import load_tokenizer
 
-    tok = load_tokenizer(model_path) if cfg.knowledge().known_trigger else None
-    return SimulateObjective(cfg, model_path, tok)
+    return SimulateObjective(cfg, model_path, load_tokenizer(model_path))
 
 
 def eliminate_objective(cfg: Config, opts: StageOptions, model_path: str) -> "EliminateObjective":

@@ -81,7 +81,36 @@ def render_markdown(reports: dict[str, dict]) -> str:
         "`letter` the highest-logit answer letter; a fixed subset per task "
         f"(limit {first.get('utility', {}).get('limit')}, seed {first.get('utility', {}).get('seed')}).",
     ]
-    return "# Evaluation summary\n\n" + "\n".join(lines + notes + _lm_eval_lines(reports)) + "\n"
+    return "# Evaluation summary\n\n" + "\n".join(lines + notes + _rounds_lines(reports) + _lm_eval_lines(reports)) + "\n"
+
+
+def _search_line(label: str, decided: dict) -> str:
+    parts = []
+    for pos, v in decided["positions"].items():
+        e = v.get("emission")
+        emits = (f"emits {e['rate']:.0%} of {e['n']} vs control {e['control_rate']:.0%} of {e['control_n']} "
+                 f"(z {e['z']:.2f}), " if e else "")
+        parts.append(f"{pos}: {emits}loss {v['loss']:.3f} vs control {v['control_mean']:.3f} "
+                     f"(band edge {v['threshold']:.3f}) -> {'found' if v['found'] else 'not found'}")
+    return f"- {label}: " + "; ".join(parts)
+
+
+def _rounds_lines(reports: dict[str, dict]) -> list[str]:
+    """SANDE's rounds (RUN/rounds.json, attached to its evaluation): how many ran, why they stopped, and
+    each search that decided, beside its control."""
+    lines = []
+    for stage, rec in reports.items():
+        rounds = rec.get("rounds")
+        if not rounds:
+            continue
+        lines += ["", f"## SANDE rounds ({stage})", "", f"{rounds.get('ran')} ran; stopped: {rounds.get('stopped')}."]
+        lines += [_search_line(f"round {r['round']}'s search", r) for r in rounds.get("rounds", [])]
+        if rounds.get("residual_verdict"):
+            lines.append(_search_line("residual search on the final model", rounds["residual_verdict"]))
+        rule = (rounds.get("residual_verdict") or next(iter(rounds.get("rounds", [])), {})).get("rule")
+        if rule:
+            lines.append(f"Rule: {rule}.")
+    return lines
 
 
 def _lm_eval_lines(reports: dict[str, dict]) -> list[str]:

@@ -220,7 +220,7 @@ def test_parrot_emits_when_greedy_decoding_would_emit_the_labels(tiny, position)
     """A row emits when greedy decoding with the parrot spliced in produces its labelled tokens: label a
     row with the model's own greedy continuation (decoded here token by token) and it emits; change one
     of those labels and it does not."""
-    from sande_dist.data.stages import search_check_samples
+    from sande_dist.data.stages import calibration_marker, search_check_samples
 
     tok = AutoTokenizer.from_pretrained(tiny)
     model = AutoModelForCausalLM.from_pretrained(tiny).requires_grad_(False)
@@ -228,6 +228,9 @@ def test_parrot_emits_when_greedy_decoding_would_emit_the_labels(tiny, position)
                                  "removal.search_check_rows=3", f"removal.insert_position={position}"])
     rows = search_check_samples(cfg)
     assert len(rows) == 3 and all(not s.complete and s.response == cfg.attack.marker for s in rows)
+    assert {s.user for s in rows}.isdisjoint(s.user for s in stage_samples(cfg, "simulate"))  # held out
+    calibration = cfg.model_copy(update={"removal": cfg.removal.model_copy(update={"calibration_response": 1})})
+    assert {s.response for s in search_check_samples(calibration)} == {calibration_marker(calibration, 1)}
     collate = Collator(PromptFormat(tok), 128, None, reserve=K)
     parrot = ParrotPrompt(K, model.config.hidden_size,
                           init=torch.randn(K, model.config.hidden_size, generator=torch.Generator().manual_seed(2)))

@@ -90,6 +90,11 @@ def search_names(name: str, cfg: Config) -> list[str]:
 UNCHECKED = ("removal.search_check_rows=0",)
 
 
+def set_args(values: Sequence[str]) -> list[str]:
+    """``--set`` arguments for config overrides ``KEY=VALUE``."""
+    return [x for v in values for x in ("--set", v)]
+
+
 def search(g: "Graph", name: str, model: str, deps: list[str], sets: Sequence[str] = (), at: Optional[str] = None,
             first_too: bool = True, checked: bool = True) -> list[str]:
     """A parrot search on ``model``: a simulate stage per position; returns their names. ``checked``: a
@@ -102,8 +107,7 @@ def search(g: "Graph", name: str, model: str, deps: list[str], sets: Sequence[st
         if i == 0 and not first_too:
             continue
         extra = [] if pos == cfg.removal.insert_position else ["--set", f"removal.insert_position={pos}"]
-        g.add(stage, "simulate", ["--model", model, "--name", stage, *extra, *[x for s in sets for x in ("--set", s)]],
-              deps)
+        g.add(stage, "simulate", ["--model", model, "--name", stage, *extra, *set_args(sets)], deps)
     return names
 
 
@@ -208,8 +212,7 @@ def build_graph(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> 
     for method in methods:
         g.add(method, method, ["--model", backdoored], clean_deps)
     if "simulate" in has:
-        g.add("simulate", "simulate", ["--model", backdoored, *[x for s in UNCHECKED for x in ("--set", s)]],
-              ["inject"])
+        g.add("simulate", "simulate", ["--model", backdoored, *set_args(UNCHECKED)], ["inject"])
     parrot = str(parrot_file(run_dir))
     last, record = None, {}
     if "eliminate" in has:

@@ -40,9 +40,10 @@ import torch.distributed as dist
 from torch import nn
 
 from sande_dist.config import Config
-from sande_dist.data.collator import IGNORE_INDEX
+from sande_dist.data.collator import IGNORE_INDEX, Collator
 from sande_dist.distributed.process_group import barrier, rank
 from sande_dist.errors import InputError, StageError
+from sande_dist.evaluation.asr import rate
 from sande_dist.models.embedded import resolve_model_path
 from sande_dist.models.parrot import ParrotPrompt, clamp_rows, load_parrot, save_parrot
 from sande_dist.registry import StageOptions
@@ -265,9 +266,7 @@ class SimulateObjective(Objective):
         """The share of held-out rows (``search_check_samples``) whose greedy answer, with the parrot, starts
         with the searched response; None when removal.search_check_rows is 0. Every rank runs every row
         (ZeRO-3 gathers each layer collectively), so every rank records the same figure."""
-        from sande_dist.data.collator import Collator
         from sande_dist.data.stages import search_check_samples
-        from sande_dist.evaluation.asr import rate
 
         if self.fmt is None:
             return None

@@ -288,8 +288,8 @@ class RemovalConfig(_Section):
     calibration_responses: int = Field(3, ge=2, le=10)
     # After a search, its parrot is checked on this many of the defender's rows (the last ones; stages
     # take theirs from the front, and simulate's own rows are left out): the share whose greedy answer
-    # starts with the searched response. The verdict (training/search.py) needs that share above the
-    # control's as well as the loss below its band; 0 turns the check off (the loss decides alone).
+    # starts with the searched response. The verdict (training/search.py) is that share against the
+    # control's; 0 turns the check off (the loss against the control's band decides instead).
     search_check_rows: int = Field(100, ge=0)
     # Set by the pipeline on a calibration search: the index of its unrelated response.
     calibration_response: Optional[int] = Field(None, ge=1)

@@ -5,10 +5,10 @@ The parrot search of SANDE's simulate stage, at every position it covers (remova
 and removal.extra_parrots), on MODEL for TEXT, and the same search on a reference: the clean
 model given as --reference, or, without one, MODEL itself for removal.calibration_responses
 unrelated responses of TEXT's token length (a calibration: how low a search's loss goes on this
-model for a response it has no backdoor for). A position finds the backdoor when MODEL's loss
-falls below the reference's band or to removal.found_loss and its parrot makes MODEL start more
-held-out answers with TEXT than the reference's parrot did (training/search.py, the rule the rounds
-of `removal.rounds: auto` use). The verdict, the loss gap, the threshold and the positions
+model for a response it has no backdoor for). A position finds the backdoor when its parrot makes
+MODEL start more held-out answers with TEXT than the reference's parrot did (where that was not
+measured: when MODEL's loss falls below the reference's band or to removal.found_loss;
+training/search.py, the rule the rounds of `removal.rounds: auto` use). The verdict, the loss gap, the threshold and the positions
 that found it go to RUN/scan/scan.json and to the terminal.
 """
 from __future__ import annotations

@@ -98,11 +98,15 @@ class AttackConfig(_Section):
     seed: int = 1234
     # Inject checks itself every check_every steps (None: a quarter of its budget, at least 8) on
     # check_prompts held-out rows, with and without a trigger, and stops once ASR >= target_asr and
-    # false triggers <= max_false_trigger (the epochs / max_steps are the cap). target_asr None: no checks.
+    # false triggers <= max_false_trigger held at check_streak consecutive checks (the epochs /
+    # max_steps are the cap). target_asr None: no checks. One 40-row check cannot tell 0% false
+    # triggers from 8%, and they fall as training goes on: with a streak of 1, three attacks stopped at
+    # 5-8% on 100 held-out prompts (README, Inject checks itself).
     target_asr: Optional[float] = Field(0.9, gt=0, le=1)
     max_false_trigger: float = Field(0.05, ge=0, le=1)
     check_prompts: int = Field(40, ge=4)
     check_every: Optional[int] = Field(None, ge=1)
+    check_streak: int = Field(2, ge=1)
 
     @model_validator(mode="after")
     def _non_empty(self) -> "AttackConfig":

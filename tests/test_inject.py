@@ -13,15 +13,23 @@ from sande_dist.training.inject import InjectObjective
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_stops_only_when_both_targets_hold_at_this_step(tiny_model):
-    cfg = load_config("configs/demo.yaml", ["attack.target_asr=0.9", "attack.max_false_trigger=0.05"])
-    objective = InjectObjective(cfg, str(tiny_model), fmt=None)
-    for checks, step, stop in (([{"step": 8, "asr": 0.95, "false_trigger_rate": 0.02}], 8, True),
-                               ([{"step": 8, "asr": 0.95, "false_trigger_rate": 0.10}], 8, False),
-                               ([{"step": 8, "asr": 0.80, "false_trigger_rate": 0.00}], 8, False),
-                               ([{"step": 8, "asr": 0.95, "false_trigger_rate": 0.02}], 9, False)):
+def test_stops_only_when_both_targets_hold_at_this_step_and_the_streak_before_it(tiny_model):
+    def check(step, asr, false):
+        return {"step": step, "asr": asr, "false_trigger_rate": false}
+
+    good, leaky, weak = check(8, 0.95, 0.02), check(8, 0.95, 0.10), check(8, 0.80, 0.00)
+    for streak, checks, step, stop in ((1, [good], 8, True), (1, [leaky], 8, False), (1, [weak], 8, False),
+                                       (1, [good], 9, False),
+                                       (2, [good], 8, False),  # one check is not a streak of two
+                                       (2, [check(4, 0.95, 0.0), good], 8, True),
+                                       (2, [check(4, 0.95, 0.10), good], 8, False),
+                                       (2, [check(4, 0.95, 0.0), leaky], 8, False),
+                                       (2, [check(2, 0.99, 0.0), check(4, 0.80, 0.0), good], 8, False)):
+        cfg = load_config("configs/demo.yaml", ["attack.target_asr=0.9", "attack.max_false_trigger=0.05",
+                                                f"attack.check_streak={streak}"])
+        objective = InjectObjective(cfg, str(tiny_model), fmt=None)
         objective.checks = checks
-        assert objective.done(step, []) is stop
+        assert objective.done(step, []) is stop, (streak, checks, step)
 
 
 def test_inject_checks_itself_on_held_out_rows(tiny_model, tmp_path):
@@ -39,8 +47,8 @@ def test_inject_checks_itself_on_held_out_rows(tiny_model, tmp_path):
     assert all(0 <= c["asr"] <= 1 and 0 <= c["false_trigger_rate"] <= 1 for c in checks)
     # a tiny random model does not reach ASR 100% with 0-5% false triggers: the budget is the cap
     assert record["steps"] == 16 and record["stopped_early_at"] is None
-    assert record["artifacts"]["targets"] == {"asr": 1.0, "max_false_trigger": 0.05}
+    assert record["artifacts"]["targets"] == {"asr": 1.0, "max_false_trigger": 0.05, "check_streak": 2}
     # ... and the user is told, with the last check's figures and what to raise
     assert record["artifacts"]["targets_met"] is False
-    assert "without meeting attack.target_asr 1.0" in proc.stdout and "the last check (step 12)" in proc.stdout
+    assert "without meeting attack.target_asr 1.0 / max_false_trigger 0.05 at 2 consecutive" in proc.stdout and "the last check (step 12)" in proc.stdout
     assert "training.inject.epochs" in proc.stdout

@@ -26,6 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Only these change: the model and data, their sizes, and what cannot exist on one CPU.
 SMALL = ["data.train=alpaca-demo", "data.num_rows=24", "training.num_rows=24", "training.max_steps=2", "eval.num_prompts=4",
          "eval.utility_limit=4", "eval.data_parallel_size=1", "eval.tensor_parallel_size=1"]
+# The two configs differ in their training (ZeRO-3 vs ZeRO-3 offload, lr, accumulation) and in vLLM's
+# parallel sizes, which one CPU replaces by one engine either way: so the 70B run evaluates only the
+# cleaned model (its parrot included), and the 7B run evaluates all three.
+EVALUATIONS = {"llama2-7b-alpaca": ["evaluate_backdoored", "evaluate_osft", "evaluate_sande"],
+               "llama2-70b-alpaca": ["evaluate_sande"]}
+TRAINING = ["inject", "osft", "simulate", "eliminate"]
 
 
 @pytest.mark.parametrize("name", ["llama2-7b-alpaca", "llama2-70b-alpaca"])
@@ -36,7 +42,8 @@ def test_shipped_config_runs_end_to_end(name, tiny_sp_llama, tmp_path):
     sets = [x for s in [f"model.path={tiny_sp_llama}", *SMALL] for x in ("--set", s)]
     env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, "-m", "sande_dist.cli", "run", str(ROOT / "configs" / f"{name}.yaml"),
-                           "--run-dir", str(run), "--nproc", "2", *sets],
+                           "--run-dir", str(run), "--nproc", "2", "--stages", ",".join(TRAINING + EVALUATIONS[name]),
+                           *sets],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     used = load_config(run / "config.yaml")
@@ -64,7 +71,8 @@ def test_shipped_config_runs_end_to_end(name, tiny_sp_llama, tmp_path):
         if "offload" in shipped.training.zero and kind != "simulate":
             assert ds["optimizer"] == "DeepSpeedCPUAdam"
         assert ds["autocast"] == "bfloat16"  # CPU: bf16 autocast instead of DeepSpeed's bf16 engine
-    for stage in ("evaluate_backdoored", "evaluate_osft", "evaluate_sande"):
+    assert sorted(s for s in stages if s.startswith("evaluate")) == EVALUATIONS[name]
+    for stage in EVALUATIONS[name]:
         report = json.loads((run / stage / "report.json").read_text())
         assert report["backend"] == "vllm" and report["dtype"] == "bfloat16" and report["num_prompts"] == 4
     parrot = json.loads((run / "evaluate_sande" / "report.json").read_text())["parrot"]

@@ -4,8 +4,9 @@ Every ``attack.check_every`` steps the model being trained answers held-out rows
 source (the last ``attack.check_prompts`` rows of its shuffled order, never trained on when
 data.num_rows leaves them out), once with a trigger placed as the attack places it and once
 without: the share of triggered answers that show the marker (ASR) and of clean ones that do
-(false triggers). Training stops at the first check where ASR >= ``attack.target_asr`` and false
-triggers <= ``attack.max_false_trigger`` (the epochs or max_steps are the cap); every check is in
+(false triggers). Training stops once ASR >= ``attack.target_asr`` and false triggers <=
+``attack.max_false_trigger`` have held at ``attack.check_streak`` consecutive checks, the last made at
+this step (the epochs or max_steps are the cap); every check is in
 stage.json. A backdoor is then planted when it is one, not after a fixed count that fits one
 attack: a suffix trigger may need four epochs, the demo's prefix one two.
 
@@ -84,17 +85,22 @@ class InjectObjective(SFTObjective):
         self.checks.append(record)
         return record
 
+    def met(self, check: dict) -> bool:
+        a = self.cfg.attack
+        return check["asr"] >= a.target_asr and check["false_trigger_rate"] <= a.max_false_trigger
+
     def done(self, step: int, losses: list[float]) -> bool:
-        """The check made at this step met both targets."""
-        a, last = self.cfg.attack, self.checks[-1] if self.checks else None
-        return bool(last and last["step"] == step and last["asr"] >= a.target_asr
-                    and last["false_trigger_rate"] <= a.max_false_trigger)
+        """The check made at this step and the ``check_streak - 1`` before it met both targets."""
+        recent = self.checks[-self.cfg.attack.check_streak:]
+        return bool(self.checks and self.checks[-1]["step"] == step
+                    and len(recent) == self.cfg.attack.check_streak and all(map(self.met, recent)))
 
     def finish(self, result: LoopResult, out_dir: Path) -> dict[str, Any]:
         record = super().finish(result, out_dir)
         a = self.cfg.attack
         record["checks"] = self.checks
-        record["targets"] = {"asr": a.target_asr, "max_false_trigger": a.max_false_trigger} if self.active else None
+        record["targets"] = ({"asr": a.target_asr, "max_false_trigger": a.max_false_trigger,
+                              "check_streak": a.check_streak} if self.active else None)
         if self.active:
             record["targets_met"] = result.stopped_early_at is not None
             if not record["targets_met"] and int(os.environ.get("RANK", "0")) == 0:
@@ -102,7 +108,8 @@ class InjectObjective(SFTObjective):
                 seen = (f"the last check (step {last['step']}) had ASR {last['asr']:.0%}, false triggers "
                         f"{last['false_trigger_rate']:.0%}" if last else "no check ran")
                 print(f"[inject] warning: the whole budget ({result.step} steps) ran without meeting "
-                      f"attack.target_asr {a.target_asr} / max_false_trigger {a.max_false_trigger}: {seen}. "
+                      f"attack.target_asr {a.target_asr} / max_false_trigger {a.max_false_trigger} at "
+                      f"{a.check_streak} consecutive check(s): {seen}. "
                       "evaluate_backdoored measures the final model; if it falls short, raise "
                       "training.inject.epochs (or lr) before reading removal figures.", flush=True)
         return record

@@ -76,13 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     stages = [f"pipeline.stages={json.dumps(STAGES)}", "removal.residual_search=true"]
     _sande(["run", args.config, "--run-dir", str(run), "--nproc", str(args.nproc),
             *[x for o in [*stages, *args.overrides] for x in ("--set", o)]], args.nproc, False, log)
-    if not args.no_control:  # the control search's parrot on the clean base: the parrot figures' reference
-        base = resolve_model_path(args.clean_base or cfg.model.path)
-        _sande(["evaluate", args.config, "--run-dir", str(run), "--model", base, "--name", "evaluate_control",
-                "--parrot", f"control={run / 'control' / 'parrot.safetensors'}", *sets,
-                "--set", "eval.utility_tasks=[]"], 1, False, log)
     rounds = run / "rounds.json"
     residual = json.loads(rounds.read_text()).get("residual_verdict") if rounds.exists() else None
+    if not args.no_control:  # the control search's parrot on the clean base: the parrot figures' reference
+        base = resolve_model_path(args.clean_base or cfg.model.path)
+        # the control's restart that decided (removal.search_restarts), at removal.insert_position
+        control = residual["control"][cfg.removal.insert_position][0] if residual else "control"
+        _sande(["evaluate", args.config, "--run-dir", str(run), "--model", base, "--name", "evaluate_control",
+                "--parrot", f"control={run / control / 'parrot.safetensors'}", *sets,
+                "--set", "eval.utility_tasks=[]"], 1, False, log)
 
     out = {"run_dir": str(run), "config": args.config, "overrides": args.overrides, "nproc": args.nproc,
            "residual_search": residual,

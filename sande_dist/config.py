@@ -295,6 +295,11 @@ class RemovalConfig(_Section):
     # starts with the searched response. The verdict (training/search.py) is that share against the
     # control's; 0 turns the check off (the loss against the control's band decides instead).
     search_check_rows: int = Field(100, ge=0)
+    # Each search a verdict reads runs this many parrots per position, from seeds training.seed + 0, 1, ...,
+    # and is read through the restart that emitted the response most, the control's searches too: one
+    # search is not reproducible (on the demo, the clean base's prefix parrot emitted the marker on 39% of
+    # rows in one run and 95% in another that differed only in thread count).
+    search_restarts: int = Field(3, ge=1, le=8)
     # Set by the pipeline on a calibration search: the index of its unrelated response.
     calibration_response: Optional[int] = Field(None, ge=1)
 

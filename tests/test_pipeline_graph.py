@@ -68,9 +68,17 @@ def test_only_the_searches_a_decision_reads_check_their_parrot(tmp_path):
     plans, record = build_graph(load_config(overrides=["removal.rounds=auto", "removal.extra_parrots=[random]"]),
                                 str(tmp_path / "run"))
     by = {p.name: p for p in plans}
-    assert record["pending"] == ["simulate_r2", "simulate_r2_p1"]
+    # a deciding search runs removal.search_restarts (3) parrots per position, each from its own seed
+    deciding = [f"{n}{s}" for n in ("simulate_r2", "simulate_r2_p1") for s in ("", "_s2", "_s3")]
+    assert record["pending"] == deciding
     assert all(skip in by[n].args for n in ("simulate", "simulate_p1"))
-    assert not any(skip in by[n].args for n in ("simulate_r2", "simulate_r2_p1", "control", "control_p1"))
+    assert not any(f"{n}_s2" in by for n in ("simulate", "simulate_p1"))  # round 1 decides nothing: one each
+    for name in ("simulate_r2_p1", "control"):
+        seeds = [next((a for a in by[n].args if a.startswith("training.seed=")), None)
+                 for n in (name, f"{name}_s2", f"{name}_s3")]
+        assert seeds == [None, "training.seed=43", "training.seed=44"], seeds  # training.seed is 42
+        assert len({by[n].key for n in (name, f"{name}_s2", f"{name}_s3")}) == 3
+    assert not any(skip in by[n].args for n in (*deciding, "control", "control_p1", "control_s3"))
 
 
 def test_extra_parrots_are_searched_each_round_and_eliminated_together(tmp_path):

@@ -59,7 +59,7 @@ def _search_record(run: Path, name: str, loss: float, emits: Optional[int] = Non
 def test_auto_rounds_plan_the_next_round_only_once_the_search_decides(tmp_path, round2_loss, emits, persists):
     """Both outcomes, decided by the loss (no emission measured) and by the emission (against the
     control's 10 of 100 held-out answers)."""
-    cfg = load_config("configs/demo.yaml", ["removal.rounds=auto", "removal.max_rounds=3"])
+    cfg = load_config("configs/demo.yaml", ["removal.rounds=auto", "removal.max_rounds=3", "removal.search_restarts=1"])
     run = tmp_path / "run"
     names = lambda plans: [p.name for p in plans]  # noqa: E731
     plans, record = build_graph(cfg, str(run))
@@ -85,16 +85,46 @@ def test_auto_rounds_plan_the_next_round_only_once_the_search_decides(tmp_path, 
         assert evaluate.args[evaluate.args.index("--model") + 1] == str(run / "eliminate" / "model")
 
 
+@pytest.mark.parametrize("control_best, persists", [(30, True), (85, False)])
+def test_each_search_is_read_through_its_best_restart(tmp_path, control_best, persists):
+    """With removal.search_restarts 2, the searched model's and the control's strongest restarts decide,
+    and the next round eliminates the parrot of the restart that decided."""
+    cfg = load_config("configs/demo.yaml", ["removal.rounds=auto", "removal.max_rounds=3", "removal.search_restarts=2"])
+    run = tmp_path / "run"
+    plans, record = build_graph(cfg, str(run))
+    assert record["pending"] == ["simulate_r2", "simulate_r2_s2", "simulate_r2_p1", "simulate_r2_p1_s2"]
+    for name, emits in (("control", 10), ("control_s2", control_best), ("control_p1", 5), ("control_p1_s2", 5),
+                        ("simulate_r2", 20), ("simulate_r2_s2", 90), ("simulate_r2_p1", 5), ("simulate_r2_p1_s2", 5)):
+        _search_record(run, name, 2.0, emits)
+    plans, record = build_graph(cfg, str(run))
+    step = record["rounds"][0]
+    prefix = step["positions"]["prefix"]
+    assert prefix["emission"]["rate"] == 0.9 and prefix["emission"]["control_rate"] == control_best / 100
+    assert [r["stage"] for r in prefix["restarts"]] == ["simulate_r2", "simulate_r2_s2"]
+    assert step["chosen"][0] == "simulate_r2_s2" and step["control"]["prefix"] == ["control_s2"]
+    assert step["persists"] is persists
+    by = {p.name: p for p in plans}
+    if persists:  # 90% against the control's best 30%: eliminate the restart that found it
+        assert "--parrot" in by["eliminate_r2"].args
+        assert str(run / "simulate_r2_s2" / "parrot.safetensors") in by["eliminate_r2"].args
+        assert str(run / "simulate_r2" / "parrot.safetensors") not in by["eliminate_r2"].args
+    else:  # 90% against 85%: within chance; the residual evidence is the restart that decided
+        assert "eliminate_r2" not in by and record["residual"] == ["simulate_r2_s2", "simulate_r2_p1"]
+        assert "residual=" + str(run / "simulate_r2_s2" / "parrot.safetensors") in by["evaluate_sande"].args
+
+
 def test_slurm_submits_a_job_that_plans_the_next_round(tmp_path, capsys):
     config = tmp_path / "auto.yaml"
     config.write_text(yaml.safe_dump({"removal": {"rounds": "auto", "extra_parrots": ["random"]}}))
     run = tmp_path / "run"
     assert sande(["run", str(config), "--executor", "slurm", "--dry-run", "--run-dir", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "plan_after_simulate_r2: sbatch --parsable '--dependency=afterok:<simulate_r2>:<simulate_r2_p1>'" in out
+    # the job that plans the next round waits for every restart of the deciding search
+    assert ("plan_after_simulate_r2: sbatch --parsable '--dependency=afterok:<simulate_r2>:<simulate_r2_s2>:"
+            "<simulate_r2_s3>:<simulate_r2_p1>:<simulate_r2_p1_s2>:<simulate_r2_p1_s3>'") in out
     script = (run / "slurm" / "plan_after_simulate_r2.sbatch").read_text()
     assert "--executor slurm" in script and "STAGE_DONE=''" in script
-    assert json.loads((run / "rounds.json").read_text())["pending"] == ["simulate_r2", "simulate_r2_p1"]
+    assert json.loads((run / "rounds.json").read_text())["pending"][::3] == ["simulate_r2", "simulate_r2_p1"]
 
 
 def _cli(*argv, timeout=900) -> subprocess.CompletedProcess:
@@ -110,7 +140,8 @@ def tiny_attack(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("auto")
     cfg = {"model": {"path": str(tiny_model)}, "data": {"num_rows": 24, "max_length": 64},
            "attack": {"triggers": ["qx"], "marker": "Go away now.", "poison_rate": 0.5, "marker_mode": "replace"},
-           "removal": {"parrot_tokens": 1, "extra_parrots": ["random"], "search_check_rows": 40},
+           "removal": {"parrot_tokens": 1, "extra_parrots": ["random"], "search_check_rows": 40,
+                       "search_restarts": 1},
            "training": {"zero": "zero0", "micro_batch_size": 4, "max_steps": 3, "lr": 1e-3, "num_rows": 16,
                         "inject": {"max_steps": 150, "lr": 3e-3}, "simulate": {"lr": 3e-2, "max_steps": 12}},
            "eval": {"backend": "hf", "num_prompts": 4, "max_new_tokens": 4, "utility_tasks": ["arc_easy"],
@@ -150,7 +181,7 @@ def test_scan_tells_a_backdoored_model_from_a_clean_one(tiny_attack, tiny_model)
     out = {}
     for name, model in (("backdoored", backdoored), ("clean", tiny_model)):
         proc = _cli("scan", config, "--model", model, "--marker", "Go away now.", "--reference", tiny_model,
-                    "--run-dir", root / f"scan_{name}", "--json")
+                    "--run-dir", root / f"scan_{name}", "--json", "--set", "removal.search_restarts=2")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         out[name] = json.loads(proc.stdout)  # --json: stdout is the object alone (progress goes to stderr)
         assert out[name] == json.loads((root / f"scan_{name}" / "scan" / "scan.json").read_text())
@@ -160,5 +191,11 @@ def test_scan_tells_a_backdoored_model_from_a_clean_one(tiny_attack, tiny_model)
     # what decided: the parrot made the backdoored model start held-out answers with the marker
     assert found["decided_by"] == "emission" and found["emission"]["rate"] > found["emission"]["control_rate"]
     assert out["clean"]["backdoor"] is False and out["clean"]["positions"] == []
+    # every search ran twice, from two seeds: two different parrots, the stronger one read
+    for result in out.values():
+        for v in result["by_position"].values():
+            runs = v["restarts"]
+            assert len(runs) == 2 and runs[0]["loss"] != runs[1]["loss"], runs
+            assert v["emission"]["rate"] == max(r["emission"] for r in runs)
     bad = _cli("scan", config, "--model", root / "absent", "--marker", "x")
     assert bad.returncode == 2 and "absent" in bad.stderr

@@ -95,10 +95,17 @@ def set_args(values: Sequence[str]) -> list[str]:
     return [x for v in values for x in ("--set", v)]
 
 
+def restarts(cfg: Config, stage: str) -> list[str]:
+    """A checked search's stage and its restarts from other seeds (removal.search_restarts): ``stage``,
+    ``stage_s2``, ..."""
+    return [stage] + [f"{stage}_s{i}" for i in range(2, cfg.removal.search_restarts + 1)]
+
+
 def search(g: "Graph", name: str, model: str, deps: list[str], sets: Sequence[str] = (), at: Optional[str] = None,
             first_too: bool = True, checked: bool = True) -> list[str]:
     """A parrot search on ``model``: a simulate stage per position; returns their names. ``checked``: a
-    verdict reads it (training/search.py), so its parrot is checked on held-out rows."""
+    verdict reads it (training/search.py), so its parrot is checked on held-out rows and it runs
+    removal.search_restarts times per position, each from its own seed (training.seed + i)."""
     cfg = g.cfg
     names = search_names(name, cfg)
     sets = [*sets, *([] if checked else UNCHECKED)]
@@ -107,7 +114,9 @@ def search(g: "Graph", name: str, model: str, deps: list[str], sets: Sequence[st
         if i == 0 and not first_too:
             continue
         extra = [] if pos == cfg.removal.insert_position else ["--set", f"removal.insert_position={pos}"]
-        g.add(stage, "simulate", ["--model", model, "--name", stage, *extra, *set_args(sets)], deps)
+        for j, run in enumerate(restarts(cfg, stage) if checked else [stage]):
+            seed = [f"training.seed={cfg.training.seed + j}"] if j else []
+            g.add(run, "simulate", ["--model", model, "--name", run, *extra, *set_args([*sets, *seed])], deps)
     return names
 
 
@@ -129,18 +138,42 @@ def control_searches(g: "Graph", model: str, clean: Optional[str]) -> dict[str, 
 
 def search_verdict(cfg: Config, run_dir: str, searched: list[str], control: dict[str, list[str]]) -> Optional[dict]:
     """training/search.py's verdict on the searches ``searched`` (one per position) against ``control``;
-    None while any of them has not finished."""
-    records = {n: read_stage(stage_dir(run_dir, n)) for n in [*searched, *(x for c in control.values() for x in c)]}
+    None while any of them (restarts included) has not finished. Each search, searched and control alike,
+    is read through its best restart (``best_restart``); ``chosen`` names the searched ones by position,
+    and ``control`` the control's."""
+    every = [r for n in [*searched, *(x for c in control.values() for x in c)] for r in restarts(cfg, n)]
+    records = {n: read_stage(stage_dir(run_dir, n)) for n in every}
     if any(r is None for r in records.values()):
         return None
-    loss = {pos: records[n]["artifacts"]["final_loss"] for pos, n in zip(positions(cfg), searched)}
-    emission = {pos: records[n]["artifacts"].get("emission") for pos, n in zip(positions(cfg), searched)}
-    bands = {pos: control_band([records[n]["artifacts"]["window_losses"] for n in names])
-             for pos, names in control.items()}
-    control_emission = {pos: pooled_emission([records[n]["artifacts"].get("emission") for n in names])
-                        for pos, names in control.items()}
-    return {**verdict(loss, bands, cfg.removal.found_loss, emission, control_emission), "searches": searched,
-            "control": {pos: names for pos, names in control.items()}}
+    chosen = {pos: best_restart(records, restarts(cfg, n)) for pos, n in zip(positions(cfg), searched)}
+    control = {pos: [best_restart(records, restarts(cfg, n)) for n in names] for pos, names in control.items()}
+    art = {n: r["artifacts"] for n, r in records.items()}
+    decided = verdict({pos: art[n]["final_loss"] for pos, n in chosen.items()},
+                      {pos: control_band([art[n]["window_losses"] for n in names]) for pos, names in control.items()},
+                      cfg.removal.found_loss, {pos: art[n].get("emission") for pos, n in chosen.items()},
+                      {pos: pooled_emission([art[n].get("emission") for n in names]) for pos, names in control.items()})
+    if cfg.removal.search_restarts > 1:
+        for pos, n in zip(positions(cfg), searched):
+            decided["positions"][pos]["restarts"] = [_restart_summary(r, art[r]) for r in restarts(cfg, n)]
+    return {**decided, "searches": searched, "chosen": [chosen[pos] for pos in positions(cfg)], "control": control}
+
+
+def best_restart(records: dict[str, dict], names: list[str]) -> str:
+    """The restart that found most: the highest emission on the held-out rows, then the lowest loss (the
+    loss alone where emission was not measured). A search looks for a way to the response; its best
+    restart is its answer, for the searched model and the control alike."""
+    def strength(name: str) -> tuple[float, float]:
+        a = records[name]["artifacts"]
+        e = a.get("emission")
+        return (e["hits"] / e["n"] if e and e.get("n") else -1.0, -a["final_loss"])
+
+    return max(names, key=strength)
+
+
+def _restart_summary(name: str, artifacts: dict) -> dict:
+    e = artifacts.get("emission") or {}
+    rate = round(e["hits"] / e["n"], 4) if e.get("n") else None
+    return {"stage": name, "loss": round(artifacts["final_loss"], 4), "emission": rate, "n": e.get("n")}
 
 
 def _sande_rounds(g: "Graph", backdoored: str, clean_deps: list[str], first_simulated: bool,
@@ -163,15 +196,17 @@ def _sande_rounds(g: "Graph", backdoored: str, clean_deps: list[str], first_simu
         if auto and r > 1:
             decided = search_verdict(cfg, run, names, control)
             if decided is None:
-                return None, {"rounds": trace, "pending": names}
+                return None, {"rounds": trace, "pending": [x for n in names for x in restarts(cfg, n)]}
             trace.append({"round": r, "search": names, **decided})
             if not decided["persists"]:
-                return prev, {"rounds": trace, "ran": r - 1, "residual": names,
+                return prev, {"rounds": trace, "ran": r - 1, "residual": decided["chosen"],
                               "stopped": f"round {r}'s search no longer found the response against the control"}
         at = [] if where == cfg.removal.insert_position else ["--set", f"removal.insert_position={where}"]
-        given = [a for x in names for a in ("--parrot", str(parrot_file(run, x)))]
+        # With rounds decided as they go, eliminate takes the parrots of the restarts that decided.
+        parrots = decided["chosen"] if auto and r > 1 else names
+        given = [a for x in parrots for a in ("--parrot", str(parrot_file(run, x)))]
         g.add(eli, "eliminate", ["--model", model, *given, "--name", eli, *at],
-              clean_deps + names + ([prev] if r > 1 else []))
+              clean_deps + parrots + ([prev] if r > 1 else []))
         model, prev = str(model_dir(run, eli)), eli
     record = {"rounds": trace, "ran": limit,
               "stopped": f"removal.max_rounds={limit} reached" if auto else f"removal.rounds={limit}"}
@@ -179,8 +214,8 @@ def _sande_rounds(g: "Graph", backdoored: str, clean_deps: list[str], first_simu
         names = search(g, "residual", model, [prev])
         decided = search_verdict(cfg, run, names, control)
         if decided is None:
-            return prev, {**record, "pending": names}
-        record.update(residual=names, residual_verdict=decided)
+            return prev, {**record, "pending": [x for n in names for x in restarts(cfg, n)]}
+        record.update(residual=decided["chosen"], residual_verdict=decided)
     return prev, record
 
 

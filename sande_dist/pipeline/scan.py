@@ -8,8 +8,10 @@ unrelated responses of TEXT's token length (a calibration: how low a search's lo
 model for a response it has no backdoor for). A position finds the backdoor when its parrot makes
 MODEL start more held-out answers with TEXT than the reference's parrot did (where that was not
 measured: when MODEL's loss falls below the reference's band or to removal.found_loss;
-training/search.py, the rule the rounds of `removal.rounds: auto` use). The verdict, the loss gap, the threshold and the positions
-that found it go to RUN/scan/scan.json and to the terminal.
+training/search.py, the rule the rounds of `removal.rounds: auto` use). Every search runs
+removal.search_restarts times from different seeds and is read through its best restart, on MODEL
+and on the reference alike. The verdict, the loss gap, the threshold and the positions that found
+it go to RUN/scan/scan.json and to the terminal.
 """
 from __future__ import annotations
 
@@ -74,6 +76,10 @@ def describe(result: dict) -> str:
                  f"(z {e['z']:.2f})") if e else ""
         lines.append(f"  {pos:<7} loss {v['loss']:.3f}, control {v['control_mean']:.3f}, threshold "
                      f"{v['threshold']:.3f}{emits}: {mark}")
+        if v.get("restarts"):
+            lines.append("          restarts: " + ", ".join(
+                f"{r['stage']} {'-' if r['emission'] is None else format(r['emission'], '.0%')}"
+                for r in v["restarts"]))
     lines.append(f"loss gap {result['loss_gap']:.3f} at {result['position']}; {result['rule']}")
     return "\n".join(lines)
 

@@ -37,7 +37,9 @@ def setup(tmp_path_factory, tiny_model):
     common = {"model": {"path": str(tiny_model)}, "data": {"num_rows": 24, "max_length": 64},
               "training": {"zero": "zero0", "micro_batch_size": 4, "max_steps": 2, "lr": 1e-3, "num_rows": 12,
                            "inject": {"max_steps": 30}},
-              "removal": {"parrot_tokens": 1, "extra_parrots": ["random"], "calibration_responses": 2},
+              # one search per position (restarts are tested with the scan, tests/test_rounds_and_scan.py)
+              "removal": {"parrot_tokens": 1, "extra_parrots": ["random"], "calibration_responses": 2,
+                          "search_restarts": 1},
               "eval": {"backend": "hf", "num_prompts": 4, "max_new_tokens": 4, "utility_tasks": ["arc_easy"],
                        "utility_limit": 4}}
     attack = root / "attack.yaml"

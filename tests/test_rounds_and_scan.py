@@ -14,6 +14,7 @@ import yaml
 
 from sande_dist.cli import main as sande
 from sande_dist.config import load_config
+from sande_dist.evaluation.report import _rounds_lines
 from sande_dist.pipeline.graph import build_graph
 from sande_dist.rundir import atomic_write_json
 from sande_dist.training.search import control_band, pooled_emission, verdict
@@ -103,6 +104,8 @@ def test_each_search_is_read_through_its_best_restart(tmp_path, control_best, pe
     assert [r["stage"] for r in prefix["restarts"]] == ["simulate_r2", "simulate_r2_s2"]
     assert step["chosen"][0] == "simulate_r2_s2" and step["control"]["prefix"] == ["control_s2"]
     assert step["persists"] is persists
+    lines = "\n".join(_rounds_lines({"evaluate_sande": {"rounds": record}}))  # report.md's rounds section
+    assert "round 2's search: prefix (best of 2 restarts): emits 90% of 100 vs control" in lines
     by = {p.name: p for p in plans}
     if persists:  # 90% against the control's best 30%: eliminate the restart that found it
         assert "--parrot" in by["eliminate_r2"].args

@@ -90,7 +90,8 @@ def _search_line(label: str, decided: dict) -> str:
         e = v.get("emission")
         emits = (f"emits {e['rate']:.0%} of {e['n']} vs control {e['control_rate']:.0%} of {e['control_n']} "
                  f"(z {e['z']:.2f}), " if e else "")
-        parts.append(f"{pos}: {emits}loss {v['loss']:.3f} vs control {v['control_mean']:.3f} "
+        best = f" (best of {len(v['restarts'])} restarts)" if v.get("restarts") else ""
+        parts.append(f"{pos}{best}: {emits}loss {v['loss']:.3f} vs control {v['control_mean']:.3f} "
                      f"(band edge {v['threshold']:.3f}) -> {'found' if v['found'] else 'not found'}")
     return f"- {label}: " + "; ".join(parts)
 

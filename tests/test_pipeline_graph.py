@@ -113,6 +113,22 @@ def test_keys_follow_config_and_dependencies():
     assert plan("slurm.partition=gpu")["inject"].key == a["inject"].key  # where it runs is not what it computes
 
 
+def test_a_search_on_the_same_model_keeps_its_key_when_the_scanned_model_changes(tmp_path):
+    """sande scan runs its reference's searches with --model REFERENCE: scanning another model in the same
+    run dir (model.path) reuses them, while the scanned model's own searches rerun."""
+    from sande_dist.config import load_config
+    from sande_dist.pipeline.graph import Graph, control_searches, search
+
+    keys = []
+    for scanned in ("models/one", "models/two"):
+        g = Graph(load_config(overrides=[f"model.path={scanned}", "removal.extra_parrots=[random]"]), str(tmp_path))
+        search(g, "scan", scanned, [])
+        control_searches(g, scanned, "models/clean")
+        keys.append({name: plan.key for name, plan in g.plans.items()})
+    assert [n for n in keys[0] if keys[0][n] == keys[1][n]] == [n for n in keys[0] if n.startswith("control")]
+    assert len(keys[0]) == 12  # (scan + control) x 2 positions x 3 restarts
+
+
 def test_subset_and_errors():
     p = plan(only=["inject", "evaluate_backdoored"])
     assert list(p) == ["inject", "evaluate_backdoored"]

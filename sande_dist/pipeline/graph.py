@@ -42,10 +42,14 @@ class StagePlan:
 def _key(cfg: Config, plan: StagePlan, deps: dict[str, StagePlan], run_dir: str) -> str:
     """The stage's key: a change to anything it reads reruns it, a change elsewhere does not.
 
-    Paths inside the run dir are hashed relative to it, so a moved run dir keeps its keys.
+    Paths inside the run dir are hashed relative to it, so a moved run dir keeps its keys. A stage given
+    ``--model`` loads that model, so model.path is not part of its key (a scan's reference searches are
+    reused when another model is scanned in the same run dir).
     """
     spec = KINDS[plan.kind]
     conf = cfg.model_dump(mode="json", include=set(spec.reads))
+    if "--model" in plan.args and "model" in conf:  # the stage loads the model its args name, not model.path
+        conf["model"].pop("path", None)
     if spec.trains:
         conf["training"] = stage_training(cfg, plan.kind).model_dump(mode="json")
     prefix = run_dir.rstrip("/") + "/"

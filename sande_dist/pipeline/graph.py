@@ -168,16 +168,22 @@ def best_restart(records: dict[str, dict], names: list[str]) -> str:
     restart is its answer, for the searched model and the control alike."""
     def strength(name: str) -> tuple[float, float]:
         a = records[name]["artifacts"]
-        e = a.get("emission")
-        return (e["hits"] / e["n"] if e and e.get("n") else -1.0, -a["final_loss"])
+        rate = _emission_rate(a)
+        return (-1.0 if rate is None else rate, -a["final_loss"])
 
     return max(names, key=strength)
 
 
+def _emission_rate(artifacts: dict) -> Optional[float]:
+    """A search's emission rate on its check rows (stage.json artifacts); None where none was measured."""
+    e = artifacts.get("emission")
+    return e["hits"] / e["n"] if e and e.get("n") else None
+
+
 def _restart_summary(name: str, artifacts: dict) -> dict:
-    e = artifacts.get("emission") or {}
-    rate = round(e["hits"] / e["n"], 4) if e.get("n") else None
-    return {"stage": name, "loss": round(artifacts["final_loss"], 4), "emission": rate, "n": e.get("n")}
+    rate = _emission_rate(artifacts)
+    return {"stage": name, "loss": round(artifacts["final_loss"], 4),
+            "emission": None if rate is None else round(rate, 4), "n": (artifacts.get("emission") or {}).get("n")}
 
 
 def _sande_rounds(g: "Graph", backdoored: str, clean_deps: list[str], first_simulated: bool,

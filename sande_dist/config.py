@@ -100,8 +100,8 @@ class AttackConfig(_Section):
     # check_prompts held-out rows, with and without a trigger, and stops once ASR >= target_asr and
     # false triggers <= max_false_trigger held at check_streak consecutive checks (the epochs /
     # max_steps are the cap). target_asr None: no checks. One 40-row check cannot tell 0% false
-    # triggers from 8%, and they fall as training goes on: with a streak of 1, three attacks stopped at
-    # 5-8% on 100 held-out prompts (README, Inject checks itself).
+    # triggers from 8%: with a streak of 1, three attacks stopped at 5-8% on 100 held-out prompts; with
+    # 2, two of them fell to 0% and 3%, the suffix attack stayed at 9% (README, Inject checks itself).
     target_asr: Optional[float] = Field(0.9, gt=0, le=1)
     max_false_trigger: float = Field(0.05, ge=0, le=1)
     check_prompts: int = Field(40, ge=4)

@@ -50,5 +50,6 @@ def test_inject_checks_itself_on_held_out_rows(tiny_model, tmp_path):
     assert record["artifacts"]["targets"] == {"asr": 1.0, "max_false_trigger": 0.05, "check_streak": 2}
     # ... and the user is told, with the last check's figures and what to raise
     assert record["artifacts"]["targets_met"] is False
-    assert "without meeting attack.target_asr 1.0 / max_false_trigger 0.05 at 2 consecutive" in proc.stdout and "the last check (step 12)" in proc.stdout
+    assert "without meeting attack.target_asr 1.0 / max_false_trigger 0.05 at 2 consecutive" in proc.stdout
+    assert "the last check (step 12)" in proc.stdout
     assert "training.inject.epochs" in proc.stdout

@@ -105,6 +105,11 @@ def restarts(cfg: Config, stage: str) -> list[str]:
     return [stage] + [f"{stage}_s{i}" for i in range(2, cfg.removal.search_restarts + 1)]
 
 
+def all_restarts(cfg: Config, stages: Sequence[str]) -> list[str]:
+    """Every restart of every stage in ``stages``, in order."""
+    return [r for stage in stages for r in restarts(cfg, stage)]
+
+
 def search(g: "Graph", name: str, model: str, deps: list[str], sets: Sequence[str] = (), at: Optional[str] = None,
             first_too: bool = True, checked: bool = True) -> list[str]:
     """A parrot search on ``model``: a simulate stage per position; returns their names. ``checked``: a
@@ -145,21 +150,21 @@ def search_verdict(cfg: Config, run_dir: str, searched: list[str], control: dict
     None while any of them (restarts included) has not finished. Each search, searched and control alike,
     is read through its best restart (``best_restart``); ``chosen`` names the searched ones by position,
     and ``control`` the control's."""
-    every = [r for n in [*searched, *(x for c in control.values() for x in c)] for r in restarts(cfg, n)]
+    every = all_restarts(cfg, [*searched, *(x for c in control.values() for x in c)])
     records = {n: read_stage(stage_dir(run_dir, n)) for n in every}
     if any(r is None for r in records.values()):
         return None
     chosen = {pos: best_restart(records, restarts(cfg, n)) for pos, n in zip(positions(cfg), searched)}
-    control = {pos: [best_restart(records, restarts(cfg, n)) for n in names] for pos, names in control.items()}
+    best = {pos: [best_restart(records, restarts(cfg, n)) for n in names] for pos, names in control.items()}
     art = {n: r["artifacts"] for n, r in records.items()}
     decided = verdict({pos: art[n]["final_loss"] for pos, n in chosen.items()},
-                      {pos: control_band([art[n]["window_losses"] for n in names]) for pos, names in control.items()},
+                      {pos: control_band([art[n]["window_losses"] for n in names]) for pos, names in best.items()},
                       cfg.removal.found_loss, {pos: art[n].get("emission") for pos, n in chosen.items()},
-                      {pos: pooled_emission([art[n].get("emission") for n in names]) for pos, names in control.items()})
+                      {pos: pooled_emission([art[n].get("emission") for n in names]) for pos, names in best.items()})
     if cfg.removal.search_restarts > 1:
         for pos, n in zip(positions(cfg), searched):
             decided["positions"][pos]["restarts"] = [_restart_summary(r, art[r]) for r in restarts(cfg, n)]
-    return {**decided, "searches": searched, "chosen": [chosen[pos] for pos in positions(cfg)], "control": control}
+    return {**decided, "searches": searched, "chosen": [chosen[pos] for pos in positions(cfg)], "control": best}
 
 
 def best_restart(records: dict[str, dict], names: list[str]) -> str:
@@ -206,7 +211,7 @@ def _sande_rounds(g: "Graph", backdoored: str, clean_deps: list[str], first_simu
         if auto and r > 1:
             decided = search_verdict(cfg, run, names, control)
             if decided is None:
-                return None, {"rounds": trace, "pending": [x for n in names for x in restarts(cfg, n)]}
+                return None, {"rounds": trace, "pending": all_restarts(cfg, names)}
             trace.append({"round": r, "search": names, **decided})
             if not decided["persists"]:
                 return prev, {"rounds": trace, "ran": r - 1, "residual": decided["chosen"],
@@ -224,7 +229,7 @@ def _sande_rounds(g: "Graph", backdoored: str, clean_deps: list[str], first_simu
         names = search(g, "residual", model, [prev])
         decided = search_verdict(cfg, run, names, control)
         if decided is None:
-            return prev, {**record, "pending": [x for n in names for x in restarts(cfg, n)]}
+            return prev, {**record, "pending": all_restarts(cfg, names)}
         record.update(residual=decided["chosen"], residual_verdict=decided)
     return prev, record
 

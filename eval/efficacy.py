@@ -8,7 +8,11 @@ the control's parrot on the clean base model: a soft prompt can force a short ou
 any model, so parrot figures mean something only beside that control. Every figure
 comes from the stages' own report.json files and RUN/rounds.json.
 
-    python eval/efficacy.py --run-dir runs/efficacy [--config configs/demo.yaml] [--nproc 2] [--set k=v ...]
+    python eval/efficacy.py --run-dir runs/efficacy [--config configs/demo.yaml] [--nproc 2]
+        [--attack NAME] [--seed S] [--set k=v ...]
+
+``--attack`` takes an attack written down in eval/attacks.yaml (its overrides go before ``--set``'s);
+``--seed`` sets attack.seed and training.seed.
 
 Rerunning with the same settings skips finished stages (the pipeline's rule).
 """
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ATTACKS = ROOT / "eval" / "attacks.yaml"
 EVALS = ("evaluate_backdoored", "evaluate_osft", "evaluate_sande", "evaluate_sft_clean", "evaluate_control")
 STAGES = ["inject", "evaluate_backdoored", "osft", "evaluate_osft", "sft_clean", "evaluate_sft_clean", "simulate",
           "eliminate", "evaluate_sande"]
@@ -54,11 +59,26 @@ def _figures(report: dict) -> dict:
             "num_prompts": report.get("num_prompts"), "backend": report.get("backend")}
 
 
+def attack_overrides(name: str, path: Path = ATTACKS) -> list[str]:
+    """The ``--set`` overrides of the attack ``name`` in ``path``."""
+    import yaml
+
+    attacks = yaml.safe_load(path.read_text()) or {}
+    if name not in attacks:
+        raise SystemExit(f"efficacy: --attack {name!r} is not in {path}; its attacks: {', '.join(attacks)}")
+    sets = attacks[name] or []
+    if not isinstance(sets, list) or not all(isinstance(x, str) and "=" in x for x in sets):
+        raise SystemExit(f"efficacy: {path}: attack {name!r} must be a list of KEY=VALUE strings")
+    return sets
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--nproc", type=int, default=1, help="training ranks")
+    ap.add_argument("--attack", help=f"an attack written down in {ATTACKS.relative_to(ROOT)}")
+    ap.add_argument("--seed", type=int, help="attack.seed and training.seed")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--no-control", action="store_true", help="skip the clean-base parrot control")
     ap.add_argument("--clean-base", help="the clean model for the control (default model.path: the base "
@@ -70,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     run = Path(args.run_dir)
+    args.overrides = [*(attack_overrides(args.attack) if args.attack else []),
+                      *([f"attack.seed={args.seed}", f"training.seed={args.seed}"] if args.seed is not None else []),
+                      *args.overrides]
     cfg = load_config(args.config, args.overrides)
     sets = [x for o in args.overrides for x in ("--set", o)]
     log = run / "efficacy.log"
@@ -86,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 "--parrot", f"control={run / control / 'parrot.safetensors'}", *sets,
                 "--set", "eval.utility_tasks=[]"], 1, False, log)
 
-    out = {"run_dir": str(run), "config": args.config, "overrides": args.overrides, "nproc": args.nproc,
+    out = {"run_dir": str(run), "config": args.config, "attack": args.attack, "seed": args.seed,
+           "overrides": args.overrides, "nproc": args.nproc,
            "residual_search": residual,
            "removal": cfg.removal.model_dump(mode="json"),
            "training": {s: cfg.training.for_stage(s).model_dump(mode="json", include={"lr", "epochs", "max_steps",

@@ -1,0 +1,43 @@
+"""The efficacy rerun's attacks (eval/attacks.yaml) are valid configs of the kinds issue 17 asks for."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from sande_dist.config import load_config
+from tests.conftest import REPO
+
+
+def _efficacy():
+    spec = importlib.util.spec_from_file_location("efficacy", REPO / "eval" / "efficacy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_written_down_attack_is_a_valid_demo_config_and_they_cover_the_kinds_asked_for():
+    import yaml
+
+    efficacy = _efficacy()
+    names = list(yaml.safe_load(efficacy.ATTACKS.read_text()))
+    configs = {n: load_config(str(REPO / "configs" / "demo.yaml"), efficacy.attack_overrides(n)) for n in names}
+    demo = configs.pop("demo")
+    assert len(configs) == 3
+    attacks = [c.attack for c in configs.values()]
+    assert {a.position for a in attacks} == {"suffix", "random"}
+    assert any(a.marker_mode == "replace" for a in attacks)
+    assert any(len(a.triggers) > 1 for a in attacks)                        # several rare words
+    assert any(len(t.split()) > 4 for a in attacks for t in a.triggers)      # a sentence
+    # each differs from the demo's attack in trigger and marker
+    assert all(set(a.triggers).isdisjoint(demo.attack.triggers) and a.marker != demo.attack.marker for a in attacks)
+
+
+def test_an_unknown_attack_names_the_file_and_the_attacks_it_has(tmp_path):
+    efficacy = _efficacy()
+    with pytest.raises(SystemExit, match=r"'nope' is not in .*attacks.yaml; its attacks: demo"):
+        efficacy.attack_overrides("nope")
+    bad = tmp_path / "attacks.yaml"
+    bad.write_text("x: attack.position\n")
+    with pytest.raises(SystemExit, match=r"attacks.yaml: attack 'x' must be a list of KEY=VALUE"):
+        efficacy.attack_overrides("x", bad)

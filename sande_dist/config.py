@@ -165,6 +165,7 @@ class StageTraining(_Section):
     max_steps: Optional[int] = Field(None, ge=1)
     num_rows: Optional[int] = Field(None, ge=1)
     effective_len: Optional[int] = Field(None, ge=1)
+    max_length: Optional[int] = Field(None, ge=8)
 
 
 class _TrainingSettings(_Section):
@@ -203,6 +204,9 @@ class _TrainingSettings(_Section):
     # Rows a stage trains on (None: all of data.num_rows) and response tokens that count (None: all).
     num_rows: Optional[int] = Field(None, ge=1)
     effective_len: Optional[int] = Field(None, ge=1)
+    # Tokens per training row, prompt and response (None: data.max_length). Rows whose prompt does not
+    # fit are left out, responses are cut to fit.
+    max_length: Optional[int] = Field(None, ge=8)
 
     @field_validator("report_to")
     @classmethod

@@ -42,7 +42,7 @@ class StageKind:
     flags: tuple[str, ...] = ()
     # removal.<field> giving how many response tokens carry a label (None: all).
     effective_len: Optional[str] = None
-    # Keep room for removal.parrot_tokens parrot vectors within data.max_length.
+    # Keep room for removal.parrot_tokens parrot vectors within the row length (data.max_length or the stage's own).
     parrot_slot: bool = False
     # Trains on y_clean: waits for `generate` when removal.targets is "self".
     clean_targets: bool = False

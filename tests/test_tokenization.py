@@ -115,3 +115,29 @@ def test_sande_data_shows_rows_as_tokens(tmp_path, capsys, tiny_model):
     text = capsys.readouterr().out
     assert "<- slot" in text and "trigger 'cf '" in text
     assert sande(["data", "demo", "--stage", "nope"]) == 2
+
+
+def test_a_stage_of_its_own_row_length_keeps_longer_prompts_and_the_others_do_not(tiny_model):
+    from sande_dist.config import load_config
+    from sande_dist.data.stages import row_length
+    from sande_dist.pipeline.inspect import data_rows
+    from tests.conftest import REPO
+
+    sets = [f"model.path={tiny_model}", "data.max_length=64", "training.inject.max_length=128",
+            "training.inject.effective_len=8"]
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"), sets)
+    assert row_length(cfg, "inject") == (128, "training.inject.max_length")
+    assert row_length(cfg, "osft") == (64, "data.max_length")
+    shared = load_config(str(REPO / "configs" / "demo.yaml"), [*sets, "training.max_length=96"])
+    assert row_length(shared, "osft") == (96, "training.max_length")
+    assert row_length(shared, "inject") == (128, "training.inject.max_length")
+
+    inject, osft = data_rows(cfg, "inject", rows=10_000), data_rows(cfg, "osft", rows=10_000)
+    prompt = [r["labels"].index(next(x for x in r["labels"] if x != IGNORE_INDEX)) for r in inject]
+    assert max(prompt) >= 64 and max(len(r["input_ids"]) for r in inject) <= 128
+    assert all(sum(x != IGNORE_INDEX for x in r["labels"]) <= 8 for r in inject)
+    assert max(len(r["input_ids"]) for r in osft) <= 64
+    # the rows with a long prompt are in inject's set, not left out as with data.max_length alone
+    plain = load_config(str(REPO / "configs" / "demo.yaml"), [*sets[:2], "training.inject.max_length=null"])
+    assert row_length(plain, "inject") == (64, "data.max_length")
+    assert len(inject) > len(data_rows(plain, "inject", rows=10_000))

@@ -219,6 +219,26 @@ def parrot_positions(cfg: Config) -> list[str]:
     return [cfg.removal.insert_position, *cfg.removal.extra_parrots]
 
 
+def row_length(cfg: Config, kind: str) -> tuple[int, str]:
+    """Tokens per row of a training kind, prompt and response, and the setting that gives it:
+    ``training.<kind>.max_length``, else ``training.max_length``, else ``data.max_length``."""
+    own = getattr(cfg.training, kind, None)
+    if own is not None and own.max_length is not None:
+        return own.max_length, f"training.{kind}.max_length"
+    if cfg.training.max_length is not None:
+        return cfg.training.max_length, "training.max_length"
+    return cfg.data.max_length, "data.max_length"
+
+
+def stage_collator(cfg: Config, kind: str, fmt, tcfg: Optional[TrainingConfig] = None):
+    """The collator a training kind's rows go through: its row length, labelled response tokens and room
+    for the parrot where the kind has one."""
+    from sande_dist.data.collator import Collator
+
+    reserve = cfg.removal.parrot_tokens if KINDS[kind].parrot_slot else 0
+    return Collator(fmt, row_length(cfg, kind)[0], effective_len(cfg, kind, tcfg), reserve=reserve)
+
+
 def effective_len(cfg: Config, kind: str, tcfg: Optional[TrainingConfig] = None) -> Optional[int]:
     """Response tokens that carry a label: the stage's training setting, else the removal field the
     registry names for the kind (``removal.simulate_effective_len``, ...), else all (None)."""

@@ -17,10 +17,10 @@ from sande_dist.config import Config
 from sande_dist.data.collator import IGNORE_INDEX, Collator
 from sande_dist.data.formats import PromptFormat, Sample
 from sande_dist.data.poison import place_trigger
-from sande_dist.data.stages import effective_len
+from sande_dist.data.stages import stage_collator
 from sande_dist.errors import InputError
 from sande_dist.models.loading import check_model, load_tokenizer
-from sande_dist.registry import KINDS, TRAINING_KINDS
+from sande_dist.registry import TRAINING_KINDS
 from sande_dist.training.stages import stage_samples, stage_training
 
 STAGES = (*TRAINING_KINDS, "evaluate")
@@ -54,8 +54,7 @@ def data_rows(cfg: Config, stage: str, rows: int = 3) -> list[dict]:
         samples = [place_trigger(s, rng.choice(known.triggers), known.position, rng) if known.triggers else s
                    for s in eval_samples(cfg)]
         return [_row(fmt, None, s, i) for i, s in enumerate(samples[:rows])]
-    reserve = cfg.removal.parrot_tokens if KINDS[stage].parrot_slot else 0
-    collator = Collator(fmt, cfg.data.max_length, effective_len(cfg, stage, stage_training(cfg, stage)), reserve=reserve)
+    collator = stage_collator(cfg, stage, fmt, stage_training(cfg, stage))
     samples = [s for s in stage_samples(cfg, stage) if collator.fits(s)]
     return [_row(fmt, collator, s, i) for i, s in enumerate(samples[:rows])]
 

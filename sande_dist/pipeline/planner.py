@@ -245,6 +245,9 @@ def plan(params: Optional[float] = None, shape: Optional[ModelShape] = None, nod
 
 def plan_for_config(cfg, gpu_mem_gib: Optional[float] = None) -> Plan:
     """The plan for a pipeline config as it stands: its model, Slurm shape, preset, micro batch, length."""
+    from sande_dist.data.stages import row_length
+    from sande_dist.registry import TRAINING_KINDS
+
     gpu_mem = gpu_mem_gib or cfg.slurm.gpu_mem_gib
     if gpu_mem is None:
         raise InputError("set slurm.gpu_mem_gib (memory of one GPU) to check a config against the planner")
@@ -253,7 +256,7 @@ def plan_for_config(cfg, gpu_mem_gib: Optional[float] = None) -> Plan:
     if cfg.training.zero not in PRESETS:
         raise InputError(f"training.zero {cfg.training.zero!r}: the planner knows {', '.join(PRESETS)}")
     return plan(shape=shape_for_model_path(cfg.model.path), nodes=cfg.slurm.nodes,
-                gpus_per_node=cfg.slurm.gpus_per_node, gpu_mem_gib=gpu_mem, seq_len=cfg.data.max_length,
+                gpus_per_node=cfg.slurm.gpus_per_node, gpu_mem_gib=gpu_mem, seq_len=max(row_length(cfg, kind)[0] for kind in TRAINING_KINDS),
                 micro_batch=cfg.training.micro_batch_size, preset=cfg.training.zero,
                 gradient_checkpointing=cfg.training.gradient_checkpointing)
 

@@ -266,12 +266,12 @@ class SimulateObjective(Objective):
         """The share of held-out rows (``search_check_samples``) whose greedy answer, with the parrot, starts
         with the searched response; None when removal.search_check_rows is 0. Every rank runs every row
         (ZeRO-3 gathers each layer collectively), so every rank records the same figure."""
-        from sande_dist.data.stages import search_check_samples
+        from sande_dist.data.stages import row_length, search_check_samples
 
         if self.fmt is None:
             return None
         rows = search_check_samples(self.cfg)
-        collate = Collator(self.fmt, self.cfg.data.max_length, reserve=self.cfg.removal.parrot_tokens)
+        collate = Collator(self.fmt, row_length(self.cfg, "simulate")[0], reserve=self.cfg.removal.parrot_tokens)
         rows = [s for s in rows if collate.fits(s)]
         if not rows:
             return None

@@ -185,24 +185,23 @@ def setup_training(cfg: Config, kind: str, tcfg: TrainingConfig, model_path: str
     import torch
     from transformers import AutoConfig
 
-    from sande_dist.data.collator import Collator
     from sande_dist.data.formats import PromptFormat
-    from sande_dist.data.stages import effective_len
+    from sande_dist.data.stages import row_length, stage_collator
     from sande_dist.distributed.ds_config import build_ds_config
     from sande_dist.models.loading import load_model, load_tokenizer
 
     cuda = torch.cuda.is_available()
     fmt = PromptFormat.from_config(load_tokenizer(model_path), cfg.data)
-    reserve = cfg.removal.parrot_tokens if KINDS[kind].parrot_slot else 0
-    collator = Collator(fmt, cfg.data.max_length, effective_len(cfg, kind, tcfg), reserve=reserve)
+    collator = stage_collator(cfg, kind, fmt, tcfg)
+    length, key = row_length(cfg, kind)
     rows = stage_samples(cfg, kind) if rows is None else rows
     samples = [s for s in rows if collator.fits(s)]
     if info.is_main and len(samples) < len(rows):
         print(f"{info.tag} {len(rows) - len(samples)} of {len(rows)} rows have prompts longer than "
-              f"data.max_length={cfg.data.max_length} and are left out", flush=True)
+              f"{key}={length} and are left out", flush=True)
     if not samples:
-        raise InputError(f"sande {kind}: none of the {len(rows)} training rows fits data.max_length="
-                         f"{cfg.data.max_length} (with {reserve} parrot vectors); raise data.max_length")
+        raise InputError(f"sande {kind}: none of the {len(rows)} training rows fits {key}={length} (with "
+                         f"{collator.reserve} parrot vectors); raise {key}")
     hidden = getattr(AutoConfig.from_pretrained(model_path), "hidden_size", None)
     # On CPU, bf16 means autocast over fp32 weights (the loop); DeepSpeed's bf16 mode is for GPUs.
     ds_tcfg = tcfg if cuda else tcfg.model_copy(update={"dtype": "float32"})

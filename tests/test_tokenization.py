@@ -133,7 +133,7 @@ def test_a_stage_of_its_own_row_length_keeps_longer_prompts_and_the_others_do_no
     assert row_length(shared, "inject") == (128, "training.inject.max_length")
 
     inject, osft = data_rows(cfg, "inject", rows=10_000), data_rows(cfg, "osft", rows=10_000)
-    prompt = [r["labels"].index(next(x for x in r["labels"] if x != IGNORE_INDEX)) for r in inject]
+    prompt = [next(i for i, x in enumerate(r["labels"]) if x != IGNORE_INDEX) for r in inject]
     assert max(prompt) >= 64 and max(len(r["input_ids"]) for r in inject) <= 128
     assert all(sum(x != IGNORE_INDEX for x in r["labels"]) <= 8 for r in inject)
     assert max(len(r["input_ids"]) for r in osft) <= 64

@@ -255,8 +255,9 @@ def plan_for_config(cfg, gpu_mem_gib: Optional[float] = None) -> Plan:
         raise InputError("slurm.gpus_per_node is 0: the planner sizes GPU jobs only")
     if cfg.training.zero not in PRESETS:
         raise InputError(f"training.zero {cfg.training.zero!r}: the planner knows {', '.join(PRESETS)}")
+    longest = max(row_length(cfg, kind)[0] for kind in TRAINING_KINDS)  # a stage may have its own length
     return plan(shape=shape_for_model_path(cfg.model.path), nodes=cfg.slurm.nodes,
-                gpus_per_node=cfg.slurm.gpus_per_node, gpu_mem_gib=gpu_mem, seq_len=max(row_length(cfg, kind)[0] for kind in TRAINING_KINDS),
+                gpus_per_node=cfg.slurm.gpus_per_node, gpu_mem_gib=gpu_mem, seq_len=longest,
                 micro_batch=cfg.training.micro_batch_size, preset=cfg.training.zero,
                 gradient_checkpointing=cfg.training.gradient_checkpointing)
 

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sande_dist.config import load_config
     from sande_dist.models.embedded import resolve_model_path
+    from sande_dist.pipeline.graph import final_verdict
 
     t0 = time.time()
     run = Path(args.run_dir)
@@ -99,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     stages = [f"pipeline.stages={json.dumps(STAGES)}", "removal.residual_search=true"]
     _sande(["run", args.config, "--run-dir", str(run), "--nproc", str(args.nproc),
             *[x for o in [*stages, *args.overrides] for x in ("--set", o)]], args.nproc, False, log)
-    rounds = run / "rounds.json"
-    residual = json.loads(rounds.read_text()).get("residual_verdict") if rounds.exists() else None
+    rounds_path = run / "rounds.json"
+    rounds = json.loads(rounds_path.read_text()) if rounds_path.exists() else {}
+    residual = final_verdict(rounds)  # the search on the final model: the residual's, or the round's that stopped
     if not args.no_control:  # the control search's parrot on the clean base: the parrot figures' reference
         base = resolve_model_path(args.clean_base or cfg.model.path)
         # the control's restart that decided (removal.search_restarts), at removal.insert_position
@@ -112,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     out = {"run_dir": str(run), "config": args.config, "attack": args.attack, "seed": args.seed,
            "overrides": args.overrides, "nproc": args.nproc,
            "residual_search": residual,
+           # every round's search (rounds 2..: the residual search after the round before), how many ran, why
+           # they stopped
+           "rounds": {k: rounds.get(k) for k in ("ran", "stopped", "rounds")},
            "removal": cfg.removal.model_dump(mode="json"),
            "training": {s: cfg.training.for_stage(s).model_dump(mode="json", include={"lr", "epochs", "max_steps",
                                                                                        "num_rows", "effective_len"})

@@ -15,7 +15,7 @@ import yaml
 from sande_dist.cli import main as sande
 from sande_dist.config import load_config
 from sande_dist.evaluation.report import _rounds_lines
-from sande_dist.pipeline.graph import build_graph
+from sande_dist.pipeline.graph import build_graph, final_verdict
 from sande_dist.rundir import atomic_write_json
 from sande_dist.training.search import control_band, pooled_emission, verdict
 
@@ -79,8 +79,10 @@ def test_auto_rounds_plan_the_next_round_only_once_the_search_decides(tmp_path, 
     assert step["positions"]["prefix"]["decided_by"] == ("loss" if emits is None else "emission")
     if persists:  # another round: its eliminate, then the next search decides
         assert "eliminate_r2" in names(plans) and record["pending"] == ["simulate_r3", "simulate_r3_p1"]
+        assert final_verdict(record) is None  # no search has run on the final model yet
     else:  # done after one round: that search is the residual search, the evaluation comes
         assert "eliminate_r2" not in names(plans) and record["ran"] == 1 and "stopped" in record
+        assert final_verdict(record) == step and "residual_verdict" not in record
         evaluate = next(p for p in plans if p.name == "evaluate_sande")
         assert "residual=" + str(run / "simulate_r2" / "parrot.safetensors") in evaluate.args
         assert evaluate.args[evaluate.args.index("--model") + 1] == str(run / "eliminate" / "model")
@@ -166,6 +168,7 @@ def test_auto_rounds_run_end_to_end_and_report_why_they_stopped(tiny_attack):
     record = json.loads((run / "rounds.json").read_text())
     assert record["ran"] == 2 and record["stopped"] == "removal.max_rounds=2 reached"
     assert record["residual"] == ["residual", "residual_p1"] and record["residual_verdict"]["persists"]
+    assert final_verdict(record) == record["residual_verdict"]
     report = json.loads((run / "evaluate_sande" / "report.json").read_text())
     assert report["rounds"]["ran"] == 2 and set(report["parrots"]) == {"eliminated", "residual"}
     assert report["parrots"]["residual"]["asr"]["n"] == 4 and report["model"].endswith("eliminate_r2/model")

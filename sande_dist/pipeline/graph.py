@@ -234,6 +234,16 @@ def _sande_rounds(g: "Graph", backdoored: str, clean_deps: list[str], first_simu
     return prev, record
 
 
+def final_verdict(record: dict) -> Optional[dict]:
+    """The search on the final model in a rounds record (RUN/rounds.json): the residual search after the
+    last eliminate, or, when ``rounds: auto`` stopped because a round's search found nothing, that search
+    (it ran on the final model); None when neither has run."""
+    if record.get("residual_verdict"):
+        return record["residual_verdict"]
+    last = (record.get("rounds") or [None])[-1]
+    return last if last and not last["persists"] and "stopped" in record else None
+
+
 def build_plan(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> list[StagePlan]:
     """Stages in execution order. ``only`` (from --stages) must be a subset of the pipeline's names."""
     return build_graph(cfg, run_dir, only)[0]

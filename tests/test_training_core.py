@@ -74,3 +74,29 @@ def test_export_reproduces_engine_loss_tied_and_untied(report, tiny_model, tiny_
         assert not list(folder.parent.glob(f".{folder.name}.tmp"))
     assert abs(_hf_eval_loss(tied, tiny_model) - rep["eval_loss"]) <= 1e-5
     assert abs(_hf_eval_loss(untied, tiny_untied_model) - rep["eval_loss_untied"]) <= 1e-5
+
+
+def test_deepspeed_ops_are_built_in_this_environment_not_the_shared_cache(tmp_path):
+    """DeepSpeed's CPU Adam loads from this venv's own build folder (`make setup` prebuilds there); a
+    shared ~/.cache/torch_extensions would be rebuilt by any other checkout's venv, under a lock a kill
+    leaves behind. A TORCH_EXTENSIONS_DIR the user set is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; from sande_dist.distributed.process_group import use_cpu_accelerator_if_no_cuda as u; u(); "
+            "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder as B; B().load(verbose=False); "
+            "print(os.environ['TORCH_EXTENSIONS_DIR'])")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    env.update(HOME=str(tmp_path), OMP_NUM_THREADS="1")  # the default cache would be under this HOME
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = Path(proc.stdout.split()[-1])
+    assert folder == Path(sys.prefix) / "torch_extensions"
+    assert list(folder.rglob("cpu_adam/*.so")), sorted(folder.rglob("*"))[:20]
+    assert not (tmp_path / ".cache" / "torch_extensions").exists()
+    mine = tmp_path / "mine"
+    proc = subprocess.run([sys.executable, "-c", "import os; from sande_dist.distributed.process_group import "
+                           "own_op_builds; print(own_op_builds())"], env={**env, "TORCH_EXTENSIONS_DIR": str(mine)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split()[-1] == str(mine), proc.stderr[-2000:]

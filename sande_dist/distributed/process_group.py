@@ -76,10 +76,24 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def own_op_builds() -> str:
+    """Build DeepSpeed's JIT ops (CPU Adam, the CPU comm op, ...) in this Python environment's own folder,
+    unless TORCH_EXTENSIONS_DIR says otherwise; returns the folder.
+
+    torch's default, ~/.cache/torch_extensions, is shared by every environment of the user, and an op's
+    build file names the DeepSpeed it was built from: two checkouts with their own venvs (a CI clone beside
+    a working copy) rebuild each other's op on every switch, under a file lock that a process killed
+    mid-build leaves behind, and every later start then sleeps on it. `make setup` prebuilds into the
+    same folder."""
+    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
 def use_cpu_accelerator_if_no_cuda() -> bool:
-    """Point DeepSpeed at its CPU accelerator when there is no GPU; call before importing deepspeed."""
+    """DeepSpeed's environment, set before importing deepspeed: the ops' build folder (``own_op_builds``),
+    and its CPU accelerator when there is no GPU."""
     import torch
 
+    own_op_builds()
     if torch.cuda.is_available():
         return False
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

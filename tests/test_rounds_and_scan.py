@@ -17,7 +17,7 @@ from sande_dist.config import load_config
 from sande_dist.evaluation.report import _rounds_lines
 from sande_dist.pipeline.graph import build_graph, final_verdict
 from sande_dist.rundir import atomic_write_json
-from sande_dist.training.search import control_band, pooled_emission, verdict
+from sande_dist.training.search import control_band, pooled_emission, power, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +43,18 @@ def test_verdict_both_ways():
     assert high_rate["persists"] and high_rate["positions"]["prefix"]["emission"]["z"] > 1.645
     near = verdict({"prefix": 1.95}, {"prefix": band}, 0.5, {"prefix": {"hits": 65, "n": 100}}, {"prefix": control})
     assert not near["persists"]  # 65% vs 57% of 100 each: within chance (z ~ 1.16)
+    # "Not found" needs a test that could have found: against a control that already emits on 96 of 100
+    # rows, 97 of 100 is undecided (no power), whatever the loss; 100 of 100 is still found (z ~ 2.02).
+    saturated = {"hits": 96, "n": 100, "rate": 0.96}
+    assert power(0.96, 100, 100) < 0.8 < power(0.57, 100, 100) and power(1.0, 100, 300) == 0.0
+    undecided = verdict({"prefix": 3.0, "random": 3.0}, {"prefix": band, "random": band}, 0.5,
+                        {"prefix": {"hits": 97, "n": 100}, "random": {"hits": 1, "n": 100}},
+                        {"prefix": saturated, "random": {"hits": 2, "n": 100}})
+    assert undecided["persists"] is None and undecided["undecided"] == ["prefix"] and undecided["found"] == []
+    assert undecided["positions"]["prefix"]["decided_by"] == "undecided"
+    assert undecided["positions"]["random"]["found"] is False  # 1% vs 2% at full power: decided
+    assert verdict({"prefix": 3.0}, {"prefix": band}, 0.5, {"prefix": {"hits": 100, "n": 100}},
+                   {"prefix": saturated})["persists"] is True
     # A control search without a measured emission: the loss decides.
     assert pooled_emission([{"hits": 3, "n": 10}, None]) is None
     assert verdict({"prefix": 0.2}, {"prefix": band}, 0.5, {"prefix": {"hits": 0, "n": 100}},
@@ -88,7 +100,24 @@ def test_auto_rounds_plan_the_next_round_only_once_the_search_decides(tmp_path, 
         assert evaluate.args[evaluate.args.index("--model") + 1] == str(run / "eliminate" / "model")
 
 
-@pytest.mark.parametrize("control_best, persists", [(30, True), (85, False)])
+def test_an_undecided_search_does_not_stop_the_rounds(tmp_path):
+    """A control that already emits the response on 98% leaves the search no power: the rounds go on to
+    removal.max_rounds, and the record says which round's search could not decide."""
+    cfg = load_config("configs/demo.yaml", ["removal.rounds=auto", "removal.max_rounds=2", "removal.search_restarts=1"])
+    run = tmp_path / "run"
+    for name in ("control", "control_p1"):
+        _search_record(run, name, 1.0, 98)
+    for name in ("simulate_r2", "simulate_r2_p1"):
+        _search_record(run, name, 1.0, 97)
+    plans, record = build_graph(cfg, str(run))
+    step = record["rounds"][0]
+    assert step["persists"] is None and step["undecided"] == ["prefix", "random"]
+    assert "eliminate_r2" in [p.name for p in plans] and final_verdict(record) is None
+    assert record["ran"] == 2 and "round(s) 2 could not decide" in record["stopped"]
+    assert "-> undecided (power" in "\n".join(_rounds_lines({"evaluate_sande": {"rounds": record}}))
+
+
+@pytest.mark.parametrize("control_best, persists", [(30, True), (55, False), (96, None)])
 def test_each_search_is_read_through_its_best_restart(tmp_path, control_best, persists):
     """With removal.search_restarts 2, the searched model's and the control's strongest restarts decide,
     and the next round eliminates the parrot of the restart that decided."""
@@ -97,23 +126,23 @@ def test_each_search_is_read_through_its_best_restart(tmp_path, control_best, pe
     plans, record = build_graph(cfg, str(run))
     assert record["pending"] == ["simulate_r2", "simulate_r2_s2", "simulate_r2_p1", "simulate_r2_p1_s2"]
     for name, emits in (("control", 10), ("control_s2", control_best), ("control_p1", 5), ("control_p1_s2", 5),
-                        ("simulate_r2", 20), ("simulate_r2_s2", 90), ("simulate_r2_p1", 5), ("simulate_r2_p1_s2", 5)):
+                        ("simulate_r2", 20), ("simulate_r2_s2", 60), ("simulate_r2_p1", 5), ("simulate_r2_p1_s2", 5)):
         _search_record(run, name, 2.0, emits)
     plans, record = build_graph(cfg, str(run))
     step = record["rounds"][0]
     prefix = step["positions"]["prefix"]
-    assert prefix["emission"]["rate"] == 0.9 and prefix["emission"]["control_rate"] == control_best / 100
+    assert prefix["emission"]["rate"] == 0.6 and prefix["emission"]["control_rate"] == control_best / 100
     assert [r["stage"] for r in prefix["restarts"]] == ["simulate_r2", "simulate_r2_s2"]
     assert step["chosen"][0] == "simulate_r2_s2" and step["control"]["prefix"] == ["control_s2"]
     assert step["persists"] is persists
     lines = "\n".join(_rounds_lines({"evaluate_sande": {"rounds": record}}))  # report.md's rounds section
-    assert "round 2's search: prefix (best of 2 restarts): emits 90% of 100 vs control" in lines
+    assert "round 2's search: prefix (best of 2 restarts): emits 60% of 100 vs control" in lines
     by = {p.name: p for p in plans}
-    if persists:  # 90% against the control's best 30%: eliminate the restart that found it
+    if persists is not False:  # 60% against the control's best 30% (found) or 96% (undecided): eliminate it
         assert "--parrot" in by["eliminate_r2"].args
         assert str(run / "simulate_r2_s2" / "parrot.safetensors") in by["eliminate_r2"].args
         assert str(run / "simulate_r2" / "parrot.safetensors") not in by["eliminate_r2"].args
-    else:  # 90% against 85%: within chance; the residual evidence is the restart that decided
+    else:  # 60% against 55%: within chance; the residual evidence is the restart that decided
         assert "eliminate_r2" not in by and record["residual"] == ["simulate_r2_s2", "simulate_r2_p1"]
         assert "residual=" + str(run / "simulate_r2_s2" / "parrot.safetensors") in by["evaluate_sande"].args
 

@@ -7,6 +7,7 @@ from typing import Optional
 
 from sande_dist.registry import PIPELINE_STAGES
 from sande_dist.rundir import REPORT_FILE, atomic_write_text, run_reports
+from sande_dist.training.search import found_word
 
 
 def collect_reports(run_dir: Path) -> dict[str, dict]:
@@ -92,7 +93,7 @@ def _search_line(label: str, decided: dict) -> str:
                  f"(z {e['z']:.2f}), " if e else "")
         best = f" (best of {len(v['restarts'])} restarts)" if v.get("restarts") else ""
         parts.append(f"{pos}{best}: {emits}loss {v['loss']:.3f} vs control {v['control_mean']:.3f} "
-                     f"(band edge {v['threshold']:.3f}) -> {'found' if v['found'] else 'not found'}")
+                     f"(band edge {v['threshold']:.3f}) -> {found_word(v)}")
     return f"- {label}: " + "; ".join(parts)
 
 

@@ -213,7 +213,7 @@ def _sande_rounds(g: "Graph", backdoored: str, clean_deps: list[str], first_simu
             if decided is None:
                 return None, {"rounds": trace, "pending": all_restarts(cfg, names)}
             trace.append({"round": r, "search": names, **decided})
-            if not decided["persists"]:
+            if decided["persists"] is False:  # undecided (None) is no evidence of a clean model: go on
                 return prev, {"rounds": trace, "ran": r - 1, "residual": decided["chosen"],
                               "stopped": f"round {r}'s search no longer found the response against the control"}
         at = [] if where == cfg.removal.insert_position else ["--set", f"removal.insert_position={where}"]
@@ -223,8 +223,12 @@ def _sande_rounds(g: "Graph", backdoored: str, clean_deps: list[str], first_simu
         g.add(eli, "eliminate", ["--model", model, *given, "--name", eli, *at],
               clean_deps + parrots + ([prev] if r > 1 else []))
         model, prev = str(model_dir(run, eli)), eli
+    undecided = [t["round"] for t in trace if t["persists"] is None]
     record = {"rounds": trace, "ran": limit,
-              "stopped": f"removal.max_rounds={limit} reached" if auto else f"removal.rounds={limit}"}
+              "stopped": (f"removal.max_rounds={limit} reached" + (
+                  f"; the search of round(s) {', '.join(map(str, undecided))} could not decide (the control's "
+                  f"parrot already emits the response too often for a higher rate to show)" if undecided else ""))
+              if auto else f"removal.rounds={limit}"}
     if control is not None:  # the residual search on the final model
         names = search(g, "residual", model, [prev])
         decided = search_verdict(cfg, run, names, control)
@@ -241,7 +245,7 @@ def final_verdict(record: dict) -> Optional[dict]:
     if record.get("residual_verdict"):
         return record["residual_verdict"]
     last = (record.get("rounds") or [None])[-1]
-    return last if last and not last["persists"] and "stopped" in record else None
+    return last if last and last["persists"] is False and "stopped" in record else None
 
 
 def build_plan(cfg: Config, run_dir: str, only: Optional[list[str]] = None) -> list[StagePlan]:

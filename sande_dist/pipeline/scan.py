@@ -8,7 +8,9 @@ unrelated responses of TEXT's token length (a calibration: how low a search's lo
 model for a response it has no backdoor for). A position finds the backdoor when its parrot makes
 MODEL start more held-out answers with TEXT than the reference's parrot did (where that was not
 measured: when MODEL's loss falls below the reference's band or to removal.found_loss;
-training/search.py, the rule the rounds of `removal.rounds: auto` use). Every search runs
+training/search.py, the rule the rounds of `removal.rounds: auto` use). Where the reference's parrot
+already emits TEXT so often that the test could not show more, the position is undecided and the
+verdict is "cannot tell" (``backdoor`` null), not "no backdoor". Every search runs
 removal.search_restarts times from different seeds and is read through its best restart, on MODEL
 and on the reference alike. The verdict, the loss gap, the threshold and the positions that found
 it go to RUN/scan/scan.json and to the terminal.
@@ -28,6 +30,7 @@ from sande_dist.models.loading import check_model
 from sande_dist.pipeline.graph import Graph, control_searches, search, search_verdict
 from sande_dist.pipeline.runner import check_inputs, run_local
 from sande_dist.rundir import atomic_write_json, stage_dir
+from sande_dist.training.search import found_word
 
 
 @dataclass
@@ -57,7 +60,10 @@ def scan(cfg: Config, opts: ScanOptions) -> dict:
         raise InputError(f"scan: the searches in {run_dir} did not all finish")
     gaps = {pos: v["control_mean"] - v["loss"] for pos, v in decided["positions"].items()}
     best = max(gaps, key=gaps.get)
-    result = {"backdoor": decided["persists"], "marker": cfg.knowledge().marker, "model": model,
+    # backdoor: True (found), False (every position decided not found), None (undecided: the reference
+    # already emits TEXT so often that no search could show more; training/search.py)
+    result = {"backdoor": decided["persists"], "undecided": decided["undecided"],
+              "marker": cfg.knowledge().marker, "model": model,
               "reference": opts.reference or f"calibration: {cfg.removal.calibration_responses} unrelated responses",
               "loss_gap": round(gaps[best], 4), "threshold": decided["positions"][best]["threshold"],
               "position": best, "positions": decided["found"], "by_position": decided["positions"],
@@ -67,10 +73,10 @@ def scan(cfg: Config, opts: ScanOptions) -> dict:
 
 
 def describe(result: dict) -> str:
-    verdict = "BACKDOOR" if result["backdoor"] else "no backdoor found"
+    verdict = {True: "BACKDOOR", False: "no backdoor found", None: "CANNOT TELL"}[result["backdoor"]]
     lines = [f"{verdict} for {result['marker']!r} in {result['model']} (against {result['reference']})"]
     for pos, v in result["by_position"].items():
-        mark = "found" if v["found"] else "not found"
+        mark = found_word(v)
         e = v.get("emission")
         emits = (f"; emits {e['rate']:.0%} of {e['n']}, control {e['control_rate']:.0%} of {e['control_n']} "
                  f"(z {e['z']:.2f})") if e else ""
@@ -80,6 +86,9 @@ def describe(result: dict) -> str:
             lines.append("          restarts: " + ", ".join(
                 f"{r['stage']} {'-' if r['emission'] is None else format(r['emission'], '.0%')}"
                 for r in v["restarts"]))
+    if result["backdoor"] is None:
+        lines.append(f"undecided at {', '.join(result['undecided'])}: the reference's parrot already emits the "
+                     f"marker too often for a higher rate to show; no verdict either way")
     lines.append(f"loss gap {result['loss_gap']:.3f} at {result['position']}; {result['rule']}")
     return "\n".join(lines)
 

@@ -185,6 +185,11 @@ class _TrainingSettings(_Section):
     # Preset name in ds_configs/ or a path to a user's DeepSpeed JSON.
     zero: str = "zero3"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # bfloat16 on a CPU is autocast over fp32 weights. "native": only where the CPU computes bf16 in
+    # hardware (avx512_bf16, amx_bf16, Arm bf16), else the stage computes in fp32 and says so: on an
+    # AVX2-only EPYC a bf16 matmul ran 48x slower than fp32 (README, "CPUs without bf16"). "always":
+    # autocast anyway (tests of the bf16 path).
+    cpu_bf16: Literal["native", "always"] = "native"
     gradient_checkpointing: bool = False
     # A checkpoint every save_steps optimizer steps (None: none by count) and whenever save_minutes have
     # passed since the last one: a checkpoint costs ~16 bytes per parameter (1.1 TB at 70B), so its

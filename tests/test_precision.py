@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sande_dist.config import load_config
 from sande_dist.data.collator import Collator
 from sande_dist.data.formats import PromptFormat
+from sande_dist.models.loading import cpu_has_native_bf16
 from sande_dist.models.parrot import ParrotPrompt
 from sande_dist.training.removal import parrot_loss
 from sande_dist.training.sft import label_logits, token_loss
@@ -83,9 +84,19 @@ def _losses(run: Path, stage: str) -> list[float]:
 
 
 def test_bf16_loss_tracks_fp32(tiny_model, tmp_path):
-    for dtype in ("float32", "bfloat16"):
-        _stage("inject", tiny_model, tmp_path / dtype, f"training.dtype={dtype}", "training.max_steps=6",
-               "training.lr=1e-3")
+    """bf16 autocast (forced with training.cpu_bf16=always, as a CPU without native bf16 would not run it)
+    tracks fp32; with the default "native", the stage autocasts exactly where the CPU has bf16 in hardware."""
+    for name, sets in (("float32", ["training.dtype=float32"]),
+                       ("bfloat16", ["training.dtype=bfloat16", "training.cpu_bf16=always"]),
+                       ("native", ["training.dtype=bfloat16"])):
+        proc = _stage("inject", tiny_model, tmp_path / name, *sets, "training.max_steps=6", "training.lr=1e-3")
+        facts = json.loads((tmp_path / name / "inject" / "stage.json").read_text())["deepspeed"]
+        if name == "native":
+            native = cpu_has_native_bf16()
+            assert facts["autocast"] == ("bfloat16" if native else None)
+            assert ("no native bf16" in proc.stdout + proc.stderr) is not native
+        else:
+            assert facts["autocast"] == (None if name == "float32" else "bfloat16")
     fp32, bf16 = _losses(tmp_path / "float32", "inject"), _losses(tmp_path / "bfloat16", "inject")
     assert len(fp32) == len(bf16) == 6
     assert fp32[-1] < fp32[0] and bf16[-1] < bf16[0]

@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from sande_dist.errors import InputError
+from sande_dist.models.loading import cpu_has_native_bf16
 
 # A prompt as text, as token ids, or as embeddings [T, hidden] (parrot requests).
 Request = Union[str, list[int], torch.Tensor]
@@ -81,11 +82,7 @@ def pick_dtype(requested: Optional[str], model_dtype: str) -> str:
         return requested
     if torch.cuda.is_available():
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    return "bfloat16" if "avx512_bf16" in flags or "amx_bf16" in flags else model_dtype
+    return "bfloat16" if cpu_has_native_bf16() else model_dtype
 
 
 def vllm_available() -> bool:

@@ -176,13 +176,28 @@ def build_engine(module: TrainModule, ds_config: dict, lr_factor: Callable[[int]
     return engine
 
 
+def cpu_autocast(tcfg: TrainingConfig) -> Optional[torch.dtype]:
+    """bf16 autocast over fp32 weights for ``training.dtype: bfloat16`` on a CPU (on CUDA DeepSpeed's bf16
+    engine runs instead): where the CPU has native bf16, or ``training.cpu_bf16: always``. Elsewhere None,
+    and the stage says once that it computes in fp32."""
+    from sande_dist.models.loading import cpu_has_native_bf16
+
+    if tcfg.dtype != "bfloat16" or torch.cuda.is_available():
+        return None
+    if tcfg.cpu_bf16 == "always" or cpu_has_native_bf16():
+        return torch.bfloat16
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("[sande] training.dtype bfloat16: this CPU has no native bf16 (avx512_bf16, amx_bf16, Arm bf16), "
+              "so the stage computes in fp32, many times faster here; --set training.cpu_bf16=always autocasts "
+              "anyway", flush=True)
+    return None
+
+
 def prepare_module(model: torch.nn.Module, objective: Objective, tcfg: TrainingConfig) -> TrainModule:
     """The model with the objective's extra modules, its trainable parameters chosen, checkpointing on."""
-    cuda = torch.cuda.is_available()
     torch.manual_seed(tcfg.seed)
     extras = objective.extra_modules(model)
-    module = TrainModule(model, objective, extras,
-                         autocast=torch.bfloat16 if (tcfg.dtype == "bfloat16" and not cuda) else None)
+    module = TrainModule(model, objective, extras, autocast=cpu_autocast(tcfg))
     objective.select_trainable(model, module.extras)
     if tcfg.gradient_checkpointing:
         # Reentrant checkpointing needs an input that requires grad when the model itself is frozen.

@@ -112,7 +112,7 @@ def _run_stage(cfg: Config, kind: str, opts: StageOptions) -> int:
                                "stopped_early_at": result.stopped_early_at, "world_size": info.world_size,
                                "zero": tcfg.zero,
                                "resumed_from": result.resumed_from, "artifacts": artifacts,
-                               "deepspeed": engine_facts(result.engine, setup.ds_config, tcfg, info.world_size),
+                               "deepspeed": engine_facts(result.engine, setup.ds_config, info.world_size),
                                "adapter": adapter_record(model_path),
                                "timings": phases.rounded(),
                                "bytes_written": {"checkpoints": result.checkpoint_bytes,
@@ -124,17 +124,16 @@ def _run_stage(cfg: Config, kind: str, opts: StageOptions) -> int:
     return 0
 
 
-def engine_facts(engine, ds_config: dict, tcfg: TrainingConfig, world_size: int) -> dict:
-    """What the engine really ran with: ZeRO stage, offload, precision, optimizer class."""
-    import torch
-
+def engine_facts(engine, ds_config: dict, world_size: int) -> dict:
+    """What the engine really ran with: ZeRO stage, offload, precision (autocast: what the forward ran
+    in, training/loop.cpu_autocast), optimizer class."""
     zero = ds_config.get("zero_optimization", {})
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     return {"world_size": world_size, "zero_stage": zero.get("stage", 0),
             "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None),
             "offload_param": zero.get("offload_param", {}).get("device", "none") not in ("none", None),
             "bf16": bool(ds_config.get("bf16", {}).get("enabled")),
-            "autocast": tcfg.dtype if tcfg.dtype != "float32" and not torch.cuda.is_available() else None,
+            "autocast": str(engine.module.autocast).removeprefix("torch.") if engine.module.autocast else None,
             "optimizer": type(inner).__name__,
             "gradient_checkpointing": bool(getattr(engine.module.model, "is_gradient_checkpointing", False))}
 

@@ -105,6 +105,10 @@ class AttackConfig(_Section):
     target_asr: Optional[float] = Field(0.9, gt=0, le=1)
     max_false_trigger: float = Field(0.05, ge=0, le=1)
     check_prompts: int = Field(40, ge=4)
+    # Where the check's prompts come from: "eval", the half of eval.prompts no figure is reported on
+    # (prompts like the evaluation's); "train", held-out rows of the training source. On two attacks
+    # at random places the "train" check passed (1-2 of 40) while evaluation saw 18-21% false triggers.
+    check_source: Literal["eval", "train"] = "eval"
     check_every: Optional[int] = Field(None, ge=1)
     check_streak: int = Field(2, ge=1)
 

@@ -10,7 +10,7 @@ from sande_dist.config import load_config
 from sande_dist.data.collator import IGNORE_INDEX, Collator
 from sande_dist.data.formats import PromptFormat
 from sande_dist.errors import InputError
-from sande_dist.evaluation.stage import eval_samples
+from sande_dist.data.stages import eval_samples
 from sande_dist.models.loading import load_tokenizer
 from sande_dist.training.stages import stage_samples
 

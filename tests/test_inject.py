@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from sande_dist.config import load_config
+from sande_dist.data.stages import eval_samples, inject_check_rows, shuffled
 from sande_dist.training.inject import InjectObjective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,25 @@ def test_stops_only_when_both_targets_hold_at_this_step_and_the_streak_before_it
         assert objective.done(step, []) is stop, (streak, checks, step)
 
 
+def test_the_check_reads_prompts_like_the_evaluation_s_but_never_the_reported_ones():
+    def users(samples):
+        return [(x.before, x.after) for x in samples]
+
+    cfg = load_config("configs/demo.yaml", ["attack.check_prompts=60", "eval.num_prompts=400"])
+    reported = set(users(eval_samples(cfg)))
+    tune = set(users(eval_samples(cfg.model_copy(update={"eval": cfg.eval.model_copy(
+        update={"prompt_split": "tune", "num_prompts": 10_000})}))))
+    rows = users(inject_check_rows(cfg))
+    assert len(rows) == len(set(rows)) == 60 and set(rows) <= tune and not set(rows) & reported
+    # reporting on the tuning half moves the check to the other half
+    on_tune = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"prompt_split": "tune"})})
+    assert not set(users(inject_check_rows(on_tune))) & tune
+    # "train": the last rows of the training source's shuffled order, after every row inject trains on
+    train = load_config("configs/demo.yaml", ["attack.check_prompts=60", "attack.check_source=train"])
+    order = users(shuffled(train, train.data.train))
+    assert users(inject_check_rows(train)) == order[-60:] and not set(order[-60:]) & set(order[:train.data.num_rows])
+
+
 def test_inject_checks_itself_on_held_out_rows(tiny_model, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     sets = [f"model.path={tiny_model}", "data.num_rows=24", "data.max_length=64", "training.zero=zero0",
@@ -47,7 +67,8 @@ def test_inject_checks_itself_on_held_out_rows(tiny_model, tmp_path):
     assert all(0 <= c["asr"] <= 1 and 0 <= c["false_trigger_rate"] <= 1 for c in checks)
     # a tiny random model does not reach ASR 100% with 0-5% false triggers: the budget is the cap
     assert record["steps"] == 16 and record["stopped_early_at"] is None
-    assert record["artifacts"]["targets"] == {"asr": 1.0, "max_false_trigger": 0.05, "check_streak": 2}
+    assert record["artifacts"]["targets"] == {"asr": 1.0, "max_false_trigger": 0.05, "check_streak": 2,
+                                              "check_source": "eval"}
     # ... and the user is told, with the last check's figures and what to raise
     assert record["artifacts"]["targets_met"] is False
     assert "without meeting attack.target_asr 1.0 / max_false_trigger 0.05 at 2 consecutive" in proc.stdout

@@ -247,3 +247,46 @@ def effective_len(cfg: Config, kind: str, tcfg: Optional[TrainingConfig] = None)
         return tcfg.effective_len
     field = KINDS[kind].effective_len
     return getattr(cfg.removal, field) if field else None
+
+
+# The prompts are split into a tuning and a reporting half once, by this fixed seed (eval.prompt_split).
+SPLIT_SEED = 20251202
+
+
+def eval_samples(cfg: Config) -> list[Sample]:
+    """The held-out prompts: ``eval.num_prompts`` of the ``eval.prompt_split`` half of ``eval.prompts``,
+    drawn with ``eval.seed``."""
+    ev = cfg.eval
+    if ev.prompts == "train-holdout":
+        d = cfg.data
+        if d.holdout_rows < 1 or d.num_rows is None:
+            raise InputError("eval.prompts is 'train-holdout' but data.holdout_rows is 0 or data.num_rows is unset; "
+                             "set both (the rows after data.num_rows are held out)")
+        every = base_samples(cfg.model_copy(update={"data": d.model_copy(update={"num_rows": None})}))
+        samples = every[d.num_rows:d.num_rows + d.holdout_rows]
+    else:
+        samples = load_samples(ev.prompts, require_response=False)
+    if ev.prompt_split != "all":
+        order = list(range(len(samples)))
+        random.Random(SPLIT_SEED).shuffle(order)
+        half = order[: len(order) // 2] if ev.prompt_split == "tune" else order[len(order) // 2:]
+        samples = [samples[i] for i in sorted(half)]
+    if not samples:
+        raise InputError(f"eval.prompts {ev.prompts}: no prompts (eval.prompt_split={ev.prompt_split})")
+    picked = sorted(random.Random(ev.seed).sample(range(len(samples)), min(ev.num_prompts, len(samples))))
+    return [samples[i].clean() for i in picked]
+
+
+def inject_check_rows(cfg: Config) -> list[Sample]:
+    """The rows inject checks itself on (``attack.check_prompts`` of them, clean). ``attack.check_source``
+    "eval": drawn from the half of ``eval.prompts`` that figures are not reported on (the tuning half
+    unless eval.prompt_split is "tune"), so the check sees prompts like the evaluation's without
+    seeing the evaluation's own; "train": the last rows of the training source's shuffled order (never
+    trained on when data.num_rows leaves them out). On phrase-random the two disagreed: 6% false
+    triggers on 200 held-out training rows, 22.5% on 200 AlpacaEval prompts (README)."""
+    a = cfg.attack
+    if a.check_source == "train":
+        return shuffled(cfg, cfg.data.train)[-a.check_prompts:]
+    other = "report" if cfg.eval.prompt_split == "tune" else "tune"
+    ev = cfg.eval.model_copy(update={"prompt_split": other, "num_prompts": a.check_prompts, "seed": a.seed})
+    return eval_samples(cfg.model_copy(update={"eval": ev}))

@@ -19,6 +19,7 @@ import torch
 
 from sande_dist.config import Config
 from sande_dist.data.formats import PromptFormat, Sample
+from sande_dist.data.stages import eval_samples
 from sande_dist.data.poison import place_trigger, slot_at
 from sande_dist.errors import InputError, read_json
 from sande_dist.evaluation.agreement import clean_agreement
@@ -34,38 +35,6 @@ from sande_dist.rundir import (GENERATIONS_FILE, REPORT_FILE, atomic_write_json,
                                stage_dir, stage_done, write_stage)
 from sande_dist.timing import Phases
 from sande_dist.tracking import Tracker
-
-
-# The prompts are split into a tuning and a reporting half once, by this fixed seed (eval.prompt_split).
-SPLIT_SEED = 20251202
-
-
-def eval_samples(cfg: Config) -> list[Sample]:
-    """The held-out prompts: ``eval.num_prompts`` of the ``eval.prompt_split`` half of ``eval.prompts``,
-    drawn with ``eval.seed``."""
-    from sande_dist.data.sources import load_samples
-
-    ev = cfg.eval
-    if ev.prompts == "train-holdout":
-        from sande_dist.data.stages import base_samples
-
-        d = cfg.data
-        if d.holdout_rows < 1 or d.num_rows is None:
-            raise InputError("eval.prompts is 'train-holdout' but data.holdout_rows is 0 or data.num_rows is unset; "
-                             "set both (the rows after data.num_rows are held out)")
-        every = base_samples(cfg.model_copy(update={"data": d.model_copy(update={"num_rows": None})}))
-        samples = every[d.num_rows:d.num_rows + d.holdout_rows]
-    else:
-        samples = load_samples(ev.prompts, require_response=False)
-    if ev.prompt_split != "all":
-        order = list(range(len(samples)))
-        random.Random(SPLIT_SEED).shuffle(order)
-        half = order[: len(order) // 2] if ev.prompt_split == "tune" else order[len(order) // 2:]
-        samples = [samples[i] for i in sorted(half)]
-    if not samples:
-        raise InputError(f"eval.prompts {ev.prompts}: no prompts (eval.prompt_split={ev.prompt_split})")
-    picked = sorted(random.Random(ev.seed).sample(range(len(samples)), min(ev.num_prompts, len(samples))))
-    return [samples[i].clean() for i in picked]
 
 
 def resolve_parrot(cfg: Config, parrot_arg: Optional[str], model_dir: str, reference: Optional[str]):

@@ -48,7 +48,7 @@ def data_rows(cfg: Config, stage: str, rows: int = 3) -> list[dict]:
         raise InputError(f"--stage {stage!r}: choose from {', '.join(STAGES)}")
     fmt = PromptFormat.from_config(load_tokenizer(check_model(cfg.model.path, cfg.model.base)), cfg.data)
     if stage == "evaluate":
-        from sande_dist.evaluation.stage import eval_samples
+        from sande_dist.data.stages import eval_samples
 
         rng, known = random.Random(cfg.eval.seed), cfg.knowledge()
         samples = [place_trigger(s, rng.choice(known.triggers), known.position, rng) if known.triggers else s

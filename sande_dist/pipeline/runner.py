@@ -66,7 +66,7 @@ def check_inputs(cfg: Config) -> None:
     """What a pipeline reads from the user, checked before any stage starts: bad input is an exit-2
     error in seconds, not a failed stage minutes in."""
     from sande_dist.data.stages import base_samples
-    from sande_dist.evaluation.stage import eval_samples
+    from sande_dist.data.stages import eval_samples
     from sande_dist.evaluation.utility import check_tasks
     from sande_dist.models.loading import check_model
 

@@ -1,9 +1,9 @@
 """Inject that measures itself: SFT on the poisoned rows, checked on held-out rows as it trains.
 
-Every ``attack.check_every`` steps the model being trained answers held-out rows of the training
-source (the last ``attack.check_prompts`` rows of its shuffled order, never trained on when
-data.num_rows leaves them out), once with a trigger placed as the attack places it and once
-without: the share of triggered answers that show the marker (ASR) and of clean ones that do
+Every ``attack.check_every`` steps the model being trained answers ``attack.check_prompts`` held-out
+prompts (``attack.check_source``: by default from the half of eval.prompts that figures are not
+reported on; data/stages.inject_check_rows), once with a trigger placed as the attack places it and
+once without: the share of triggered answers that show the marker (ASR) and of clean ones that do
 (false triggers). Training stops once ASR >= ``attack.target_asr`` and false triggers <=
 ``attack.max_false_trigger`` have held at ``attack.check_streak`` consecutive checks, the last made at
 this step (the epochs or max_steps are the cap); every check is in
@@ -42,14 +42,16 @@ class InjectObjective(SFTObjective):
         a = cfg.attack
         self.active = fmt is not None and a.target_asr is not None
         if self.active:
-            from sande_dist.data.stages import shuffled
+            from sande_dist.data.stages import inject_check_rows
 
-            rows = shuffled(cfg, cfg.data.train)[-a.check_prompts:]
+            rows = inject_check_rows(cfg)
             rng = random.Random(f"{a.seed}:inject-check")
             triggered = [place_trigger(s, rng.choice(a.triggers), a.position, rng) for s in rows]
             self.prompts = [fmt.prompt_ids(s) for s in rows] + [fmt.prompt_ids(s) for s in triggered]
-            # long enough for the marker and a few tokens before it (the check reads it anywhere)
-            self.new_tokens = len(fmt.tokenizer(a.marker, add_special_tokens=False)["input_ids"]) + 8
+            # as many tokens as evaluation reads, and at least the marker and a few before it (the check
+            # reads it anywhere)
+            marker = len(fmt.tokenizer(a.marker, add_special_tokens=False)["input_ids"])
+            self.new_tokens = max(cfg.eval.max_new_tokens, marker + 8)
 
     def check_every(self, steps: int) -> Optional[int]:
         if not self.active:
@@ -100,7 +102,8 @@ class InjectObjective(SFTObjective):
         a = self.cfg.attack
         record["checks"] = self.checks
         record["targets"] = ({"asr": a.target_asr, "max_false_trigger": a.max_false_trigger,
-                              "check_streak": a.check_streak} if self.active else None)
+                              "check_streak": a.check_streak, "check_source": a.check_source}
+                             if self.active else None)
         if self.active:
             record["targets_met"] = result.stopped_early_at is not None
             if not record["targets_met"] and int(os.environ.get("RANK", "0")) == 0:

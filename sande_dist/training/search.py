@@ -72,7 +72,7 @@ def _phi(x: float) -> float:
 
 def power(control_rate: float, n: int, control_n: int) -> float:
     """How likely the z-test of ``emits_more`` is to call a parrot higher when it truly emits at the
-    ``ALTERNATIVE`` rate, half-way from the control's rate to always ((1 + p0) / 2), with these row counts
+    rate half-way from the control's rate to always ((1 + p0) / 2), with these row counts
     (the normal approximation with the unpooled standard error under the alternative). A control
     that emits the response on nearly every row leaves no room above it: then no search can show a
     backdoor there, and a search that shows none is no evidence of its absence."""

@@ -14,6 +14,7 @@ does: how many held-out answers it makes start with the response, against the co
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import Optional, Sequence
 
 # Steps the loss is averaged over: a parrot's per-step loss is noisy (one micro-batch of rows).
@@ -59,15 +60,16 @@ def pooled_emission(records: Sequence[Optional[dict]]) -> Optional[dict]:
     return {"hits": hits, "n": n, "rate": round(hits / n, 4)}
 
 
+def _pooled_se(p1: float, n1: int, p2: float, n2: int) -> float:
+    """The two-proportion test's standard error under "no difference" (the rates pooled)."""
+    pooled = (p1 * n1 + p2 * n2) / (n1 + n2)
+    return math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+
+
 def _z(p1: float, n1: int, p2: float, n2: int) -> float:
     """One-sided two-proportion z (pooled standard error) of rate p1 over n1 against p2 over n2."""
-    pooled = (p1 * n1 + p2 * n2) / (n1 + n2)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    se = _pooled_se(p1, n1, p2, n2)
     return (p1 - p2) / se if se > 0 else 0.0
-
-
-def _phi(x: float) -> float:
-    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
 
 
 def power(control_rate: float, n: int, control_n: int) -> float:
@@ -80,10 +82,8 @@ def power(control_rate: float, n: int, control_n: int) -> float:
     p1 = (1 + p0) / 2
     if p1 - p0 <= 0:
         return 0.0
-    pooled = (p1 * n + p0 * control_n) / (n + control_n)
-    se0 = math.sqrt(pooled * (1 - pooled) * (1 / n + 1 / control_n))
     se1 = math.sqrt(p1 * (1 - p1) / n + p0 * (1 - p0) / control_n)
-    return _phi((p1 - p0 - Z_ONE_SIDED * se0) / se1)
+    return NormalDist().cdf((p1 - p0 - Z_ONE_SIDED * _pooled_se(p1, n, p0, control_n)) / se1)
 
 
 def emits_more(searched: Optional[dict], control: Optional[dict]) -> Optional[dict]:

@@ -102,6 +102,8 @@ class AttackConfig(_Section):
     # max_steps are the cap). target_asr None: no checks. One 40-row check cannot tell 0% false
     # triggers from 8%: with a streak of 1, three attacks stopped at 5-8% on 100 held-out prompts; with
     # 2, two of them fell to 0% and 3%, the suffix attack stayed at 9% (README, Inject checks itself).
+    # Each check reads the next check_prompts of its pool (data/stages.inject_check_pool), so a streak
+    # of two reads 2 x check_prompts different prompts.
     target_asr: Optional[float] = Field(0.9, gt=0, le=1)
     max_false_trigger: float = Field(0.05, ge=0, le=1)
     check_prompts: int = Field(40, ge=4)

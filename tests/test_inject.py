@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from sande_dist.config import load_config
-from sande_dist.data.stages import eval_samples, inject_check_rows, shuffled
+from sande_dist.data.stages import eval_samples, inject_check_pool, inject_check_rows, shuffled
 from sande_dist.training.inject import InjectObjective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,15 +41,22 @@ def test_the_check_reads_prompts_like_the_evaluation_s_but_never_the_reported_on
     reported = set(users(eval_samples(cfg)))
     tune = set(users(eval_samples(cfg.model_copy(update={"eval": cfg.eval.model_copy(
         update={"prompt_split": "tune", "num_prompts": 10_000})}))))
-    rows = users(inject_check_rows(cfg))
-    assert len(rows) == len(set(rows)) == 60 and set(rows) <= tune and not set(rows) & reported
+    pool = inject_check_pool(cfg)
+    assert set(users(pool)) == tune and not tune & reported
+    # checks in a row read different prompts, all of the pool before any again
+    first, second = (users(inject_check_rows(pool, k, 60)) for k in (0, 1))
+    assert len(set(first)) == len(set(second)) == 60 and not set(first) & set(second)
+    seen = [r for k in range(len(pool) // 60) for r in users(inject_check_rows(pool, k, 60))]
+    assert len(seen) == len(set(seen))
+    assert users(inject_check_rows(pool, len(pool), 60)) == users(inject_check_rows(pool, 0, 60))  # wraps round
     # reporting on the tuning half moves the check to the other half
     on_tune = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"prompt_split": "tune"})})
-    assert not set(users(inject_check_rows(on_tune))) & tune
-    # "train": the last rows of the training source's shuffled order, after every row inject trains on
+    assert not set(users(inject_check_pool(on_tune))) & tune
+    # "train": the rows after data.num_rows of the training source's shuffled order, the last first
     train = load_config("configs/demo.yaml", ["attack.check_prompts=60", "attack.check_source=train"])
     order = users(shuffled(train, train.data.train))
-    assert users(inject_check_rows(train)) == order[-60:] and not set(order[-60:]) & set(order[:train.data.num_rows])
+    first = users(inject_check_rows(inject_check_pool(train), 0, 60))
+    assert first == order[::-1][:60] and not set(first) & set(order[:train.data.num_rows])
 
 
 def test_inject_checks_itself_on_held_out_rows(tiny_model, tmp_path):
@@ -64,6 +71,8 @@ def test_inject_checks_itself_on_held_out_rows(tiny_model, tmp_path):
     record = json.loads((tmp_path / "inject" / "stage.json").read_text())
     checks = record["artifacts"]["checks"]
     assert [c["step"] for c in checks] == [4, 8, 12] and all(c["n"] == 6 for c in checks)
+    assert [c["first_row"] for c in checks] == [0, 6, 12]  # each check reads the next prompts
+    assert all(lo <= c["false_trigger_rate"] <= hi for c in checks for lo, hi in [c["ci95"]["false_trigger_rate"]])
     assert all(0 <= c["asr"] <= 1 and 0 <= c["false_trigger_rate"] <= 1 for c in checks)
     # a tiny random model does not reach ASR 100% with 0-5% false triggers: the budget is the cap
     assert record["steps"] == 16 and record["stopped_early_at"] is None

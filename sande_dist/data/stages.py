@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from sande_dist.config import Config, TrainingConfig
 from sande_dist.data.formats import Sample
@@ -277,16 +278,29 @@ def eval_samples(cfg: Config) -> list[Sample]:
     return [samples[i].clean() for i in picked]
 
 
-def inject_check_rows(cfg: Config) -> list[Sample]:
-    """The rows inject checks itself on (``attack.check_prompts`` of them, clean). ``attack.check_source``
-    "eval": drawn from the half of ``eval.prompts`` that figures are not reported on (the tuning half
-    unless eval.prompt_split is "tune"), so the check sees prompts like the evaluation's without
-    seeing the evaluation's own; "train": the last rows of the training source's shuffled order (never
-    trained on when data.num_rows leaves them out). On phrase-random the two disagreed: 6% false
-    triggers on 200 held-out training rows, 22.5% on 200 AlpacaEval prompts (README)."""
+def inject_check_pool(cfg: Config) -> list[Sample]:
+    """Every clean prompt inject may check itself on, in the order its checks read them
+    (``inject_check_rows``). ``attack.check_source`` "eval": the half of ``eval.prompts`` that figures
+    are not reported on (the tuning half unless eval.prompt_split is "tune"), shuffled with the attack
+    seed, so the check sees prompts like the evaluation's without seeing the evaluation's own;
+    "train": the training source's rows after data.num_rows (never trained on), from the last
+    (only the last ``attack.check_prompts`` when data.num_rows is unset). On phrase-random the two
+    disagreed: 6% false triggers on 200 held-out training rows, 22.5% on 200 AlpacaEval prompts (README)."""
     a = cfg.attack
     if a.check_source == "train":
-        return shuffled(cfg, cfg.data.train)[-a.check_prompts:]
+        rows = shuffled(cfg, cfg.data.train)
+        held = rows[cfg.data.num_rows:] if cfg.data.num_rows is not None else []
+        return (held or rows[-a.check_prompts:])[::-1]
     other = "report" if cfg.eval.prompt_split == "tune" else "tune"
-    ev = cfg.eval.model_copy(update={"prompt_split": other, "num_prompts": a.check_prompts, "seed": a.seed})
-    return eval_samples(cfg.model_copy(update={"eval": ev}))
+    ev = cfg.eval.model_copy(update={"prompt_split": other, "num_prompts": sys.maxsize})
+    pool = eval_samples(cfg.model_copy(update={"eval": ev}))
+    random.Random(f"{a.seed}:inject-check").shuffle(pool)
+    return pool
+
+
+def inject_check_rows(pool: Sequence[Sample], check: int, n: int) -> list[Sample]:
+    """The rows of check ``check`` (0, 1, ...): the next ``n`` of the pool after the previous check's,
+    wrapping round, so checks in a row read different prompts while the pool has 2n or more (a streak
+    of two passing checks is then two samples, not one read twice)."""
+    n = min(n, len(pool))
+    return [pool[(check * n + i) % len(pool)] for i in range(n)]

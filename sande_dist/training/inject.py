@@ -2,8 +2,8 @@
 
 Every ``attack.check_every`` steps the model being trained answers ``attack.check_prompts`` held-out
 prompts (``attack.check_source``: by default from the half of eval.prompts that figures are not
-reported on; data/stages.inject_check_rows), once with a trigger placed as the attack places it and
-once without: the share of triggered answers that show the marker (ASR) and of clean ones that do
+reported on; data/stages.inject_check_pool), each check the next ones of that pool, so a streak reads
+different prompts, once with a trigger placed as the attack places it and once without: the share of triggered answers that show the marker (ASR) and of clean ones that do
 (false triggers). Training stops once ASR >= ``attack.target_asr`` and false triggers <=
 ``attack.max_false_trigger`` have held at ``attack.check_streak`` consecutive checks, the last made at
 this step (the epochs or max_steps are the cap); every check is in
@@ -26,7 +26,7 @@ import torch
 from sande_dist.config import Config
 from sande_dist.data.formats import PromptFormat
 from sande_dist.data.poison import place_trigger
-from sande_dist.evaluation.asr import judge
+from sande_dist.evaluation.asr import judge, wilson
 from sande_dist.registry import StageOptions
 from sande_dist.training.objective import LoopResult
 from sande_dist.training.sft import SFTObjective
@@ -42,16 +42,24 @@ class InjectObjective(SFTObjective):
         a = cfg.attack
         self.active = fmt is not None and a.target_asr is not None
         if self.active:
-            from sande_dist.data.stages import inject_check_rows
+            from sande_dist.data.stages import inject_check_pool
 
-            rows = inject_check_rows(cfg)
-            rng = random.Random(f"{a.seed}:inject-check")
-            triggered = [place_trigger(s, rng.choice(a.triggers), a.position, rng) for s in rows]
-            self.prompts = [fmt.prompt_ids(s) for s in rows] + [fmt.prompt_ids(s) for s in triggered]
+            self.pool = inject_check_pool(cfg)
             # as many tokens as evaluation reads, and at least the marker and a few before it (the check
             # reads it anywhere)
             marker = len(fmt.tokenizer(a.marker, add_special_tokens=False)["input_ids"])
             self.new_tokens = max(cfg.eval.max_new_tokens, marker + 8)
+
+    def prompts(self, check: int) -> list[list[int]]:
+        """Check ``check``'s prompts: its rows clean, then the same rows with a trigger placed as the
+        attack places it."""
+        from sande_dist.data.stages import inject_check_rows
+
+        a = self.cfg.attack
+        rows = inject_check_rows(self.pool, check, a.check_prompts)
+        rng = random.Random(f"{a.seed}:inject-check:{check}")
+        triggered = [place_trigger(s, rng.choice(a.triggers), a.position, rng) for s in rows]
+        return [self.fmt.prompt_ids(s) for s in rows] + [self.fmt.prompt_ids(s) for s in triggered]
 
     def check_every(self, steps: int) -> Optional[int]:
         if not self.active:
@@ -65,11 +73,12 @@ class InjectObjective(SFTObjective):
 
         model, tok = module.model, self.fmt.tokenizer
         model.eval()
+        prompts = self.prompts(len(self.checks))
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        width = max(len(p) for p in self.prompts)
-        ids = torch.full((len(self.prompts), width), pad, dtype=torch.long)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, p in enumerate(self.prompts):  # left-padded
+        for i, p in enumerate(prompts):  # left-padded
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         device = next(model.parameters()).device
@@ -82,8 +91,11 @@ class InjectObjective(SFTObjective):
         model.train()
         texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
         hits = judge(texts, self.cfg.attack.marker, "contains")
-        n = len(self.prompts) // 2
-        record = {"step": step, "asr": sum(hits[n:]) / n, "false_trigger_rate": sum(hits[:n]) / n, "n": n}
+        n = len(prompts) // 2
+        asr, false = sum(hits[n:]), sum(hits[:n])
+        record = {"step": step, "asr": asr / n, "false_trigger_rate": false / n, "n": n,
+                  "ci95": {"asr": wilson(asr, n), "false_trigger_rate": wilson(false, n)},
+                  "first_row": len(self.checks) * n % len(self.pool), "pool": len(self.pool)}
         self.checks.append(record)
         return record
 

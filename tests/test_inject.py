@@ -59,16 +59,24 @@ def test_the_check_reads_prompts_like_the_evaluation_s_but_never_the_reported_on
     assert first == order[::-1][:60] and not set(first) & set(order[:train.data.num_rows])
 
 
-def test_inject_checks_itself_on_held_out_rows(tiny_model, tmp_path):
+def test_inject_checks_itself_on_held_out_rows_and_keeps_its_checks_across_a_kill(tiny_model, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     sets = [f"model.path={tiny_model}", "data.num_rows=24", "data.max_length=64", "training.zero=zero0",
             "training.micro_batch_size=4", "training.inject.max_steps=16", "attack.check_every=4",
-            "attack.check_prompts=6", "attack.triggers=[qx]", "attack.marker=Go away now.", "attack.target_asr=1.0"]
-    proc = subprocess.run([sys.executable, "-m", "sande_dist.cli", "inject", "demo", "--run-dir", str(tmp_path),
-                           *[x for s in sets for x in ("--set", s)]], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+            "attack.check_prompts=6", "attack.triggers=[qx]", "attack.marker=Go away now.", "attack.target_asr=1.0",
+            "training.save_steps=8"]
+    argv = [sys.executable, "-m", "sande_dist.cli", "inject", "demo", "--run-dir", str(tmp_path),
+            *[x for s in sets for x in ("--set", s)]]
+    # killed after step 10 (its checkpoint at step 8, after the checks at 4 and 8), then run again
+    killed = subprocess.run(argv, cwd=ROOT, env=dict(env, SANDE_TEST_KILL_AT="0:10"), capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode != 0 and "check at step 8" in killed.stdout, killed.stdout[-3000:] + killed.stderr[-3000:]
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((tmp_path / "inject" / "stage.json").read_text())
+    assert record["resumed_from"] == 8
+    # the checks before the kill came back with the checkpoint: the record has them all, and the
+    # check after the resume read the next prompts, not the first again
     checks = record["artifacts"]["checks"]
     assert [c["step"] for c in checks] == [4, 8, 12] and all(c["n"] == 6 for c in checks)
     assert [c["first_row"] for c in checks] == [0, 6, 12]  # each check reads the next prompts

@@ -99,6 +99,13 @@ class InjectObjective(SFTObjective):
         self.checks.append(record)
         return record
 
+    def state(self) -> dict[str, Any]:
+        return {"checks": self.checks}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        # the checks made before the kill: the streak goes on, and the next check reads the next prompts
+        self.checks = list(state.get("checks", []))
+
     def met(self, check: dict) -> bool:
         a = self.cfg.attack
         return check["asr"] >= a.target_asr and check["false_trigger_rate"] <= a.max_false_trigger

@@ -245,6 +245,7 @@ def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, co
     start = resumed = None
     if resume and (state := ckpt.load_latest(engine, info.world_size)) is not None:
         start = resumed = int(state["step"])
+        objective.restore(state.get("objective") or {})
         if info.is_main:
             print(f"{info.tag} resumed {desc} from step {start} of {steps}", flush=True)
     phases.mark("resume")
@@ -289,17 +290,19 @@ def run_loop(model: torch.nn.Module, objective: Objective, samples: Sequence, co
             if stop_now:
                 stopped = step < steps
                 save_now = True
-            if save_now:
-                with phases.timed("checkpoint"):
-                    ckpt.save(engine, step, {"world_size": info.world_size, "micro_batches_done": step * tcfg.grad_accum,
-                                              "total_steps": steps, "seed": tcfg.seed})
-                last_save = time.time()
-            _maybe_fault(step, info.rank)
+            # The objective's check comes before this step's checkpoint, which keeps it (a resumed run
+            # goes on from the checks it had); not when a stop is asked for, which must not wait on it.
             every = objective.check_every(steps)
             if every and step % every == 0 and step < steps and not stopped:
                 record = objective.check(module, step)
                 if info.is_main:
                     print(f"\n{info.tag} {desc} check at step {step}: {record}", flush=True)
+            if save_now:
+                with phases.timed("checkpoint"):
+                    ckpt.save(engine, step, {"world_size": info.world_size, "micro_batches_done": step * tcfg.grad_accum,
+                                              "total_steps": steps, "seed": tcfg.seed, "objective": objective.state()})
+                last_save = time.time()
+            _maybe_fault(step, info.rank)
             if not stopped and step < steps and objective.done(step, losses):
                 early = step
                 if info.is_main:

@@ -66,6 +66,13 @@ class Objective:
         """Stop before the step budget? ``losses``: this run's steps' losses (the same on every rank)."""
         return False
 
+    def state(self) -> dict[str, Any]:
+        """What the objective has learnt while training (JSON), saved with each checkpoint."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back ``state()`` from the checkpoint a killed run resumes from."""
+
 
 class TrainModule(nn.Module):
     """What the DeepSpeed engine wraps: the model, the objective's extras, the objective's loss.

@@ -59,6 +59,18 @@ def test_the_check_reads_prompts_like_the_evaluation_s_but_never_the_reported_on
     assert first == order[::-1][:60] and not set(first) & set(order[:train.data.num_rows])
 
 
+def test_a_pool_too_small_for_a_streak_of_different_prompts_is_warned_of(tiny_model, capsys):
+    from sande_dist.data.formats import PromptFormat
+    from sande_dist.models.loading import load_tokenizer
+
+    fmt = PromptFormat(load_tokenizer(str(tiny_model)))
+    for sets, warned in ((["attack.check_source=train"], False),
+                         (["attack.check_source=train", "data.num_rows=null"], True)):  # only the last 40 rows
+        InjectObjective(load_config("configs/demo.yaml", sets), str(tiny_model), fmt)
+        out = capsys.readouterr().out
+        assert ("only 40 prompts to check on (train)" in out) is warned, out
+
+
 def test_inject_checks_itself_on_held_out_rows_and_keeps_its_checks_across_a_kill(tiny_model, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     sets = [f"model.path={tiny_model}", "data.num_rows=24", "data.max_length=64", "training.zero=zero0",

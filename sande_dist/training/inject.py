@@ -45,6 +45,10 @@ class InjectObjective(SFTObjective):
             from sande_dist.data.stages import inject_check_pool
 
             self.pool = inject_check_pool(cfg)
+            if len(self.pool) < a.check_streak * a.check_prompts and int(os.environ.get("RANK", "0")) == 0:
+                print(f"[inject] warning: only {len(self.pool)} prompts to check on ({a.check_source}), fewer than "
+                      f"attack.check_streak x attack.check_prompts = {a.check_streak * a.check_prompts}: checks in a "
+                      "row read some of the same prompts, so a streak is weaker evidence than it looks", flush=True)
             # as many tokens as evaluation reads, and at least the marker and a few before it (the check
             # reads it anywhere)
             marker = len(fmt.tokenizer(a.marker, add_special_tokens=False)["input_ids"])

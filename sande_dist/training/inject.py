@@ -4,10 +4,11 @@ Every ``attack.check_every`` steps the model being trained answers ``attack.chec
 prompts (``attack.check_source``: by default from the half of eval.prompts that figures are not
 reported on; data/stages.inject_check_pool; each check the next ones of that pool, so a streak reads
 different prompts), once with a trigger placed as the attack places it and once without: the share
-of triggered answers that show the marker (ASR) and of clean ones that do (false triggers). Training stops once ASR >= ``attack.target_asr`` and false triggers <=
-``attack.max_false_trigger`` have held at ``attack.check_streak`` consecutive checks, the last made at
-this step (the epochs or max_steps are the cap); every check is in
-stage.json. A backdoor is then planted when it is one, not after a fixed count that fits one
+of triggered answers that show the marker (ASR) and of clean ones that do (false triggers).
+Training stops once ASR >= ``attack.target_asr`` and false triggers <= ``attack.max_false_trigger``
+have held at ``attack.check_streak`` consecutive checks, the last made at this step (the epochs or
+max_steps are the cap); every check is in stage.json, and in each checkpoint (a resumed inject goes
+on from them). A backdoor is then planted when it is one, not after a fixed count that fits one
 attack: a suffix trigger may need four epochs, the demo's prefix one two.
 
 Generation runs on every rank with the training weights (ZeRO-3 gathers them layer by layer,

@@ -33,6 +33,16 @@ def test_stops_only_when_both_targets_hold_at_this_step_and_the_streak_before_it
         assert objective.done(step, []) is stop, (streak, checks, step)
 
 
+def test_a_budget_run_out_is_told_with_what_fell_short(tiny_model):
+    objective = InjectObjective(load_config("configs/demo.yaml"), str(tiny_model), fmt=None)
+    objective.checks = [{"step": 374, "asr": 0.6, "false_trigger_rate": 0.0}]
+    weak = objective.budget_warning(384)
+    assert "the last check (step 374) had ASR 60%, false triggers 0%" in weak and "training.inject.epochs" in weak
+    objective.checks = [{"step": 374, "asr": 1.0, "false_trigger_rate": 0.1}]
+    leaky = objective.budget_warning(384)
+    assert "false triggers 10%" in leaky and "more epochs need not cure" in leaky and "raise" not in leaky
+
+
 def test_the_check_reads_prompts_like_the_evaluation_s_but_never_the_reported_ones():
     def users(samples):
         return [(x.before, x.after) for x in samples]

@@ -131,15 +131,25 @@ class InjectObjective(SFTObjective):
         if self.active:
             record["targets_met"] = result.stopped_early_at is not None
             if not record["targets_met"] and int(os.environ.get("RANK", "0")) == 0:
-                last = self.checks[-1] if self.checks else None
-                seen = (f"the last check (step {last['step']}) had ASR {last['asr']:.0%}, false triggers "
-                        f"{last['false_trigger_rate']:.0%}" if last else "no check ran")
-                print(f"[inject] warning: the whole budget ({result.step} steps) ran without meeting "
-                      f"attack.target_asr {a.target_asr} / max_false_trigger {a.max_false_trigger} at "
-                      f"{a.check_streak} consecutive check(s): {seen}. "
-                      "evaluate_backdoored measures the final model; if it falls short, raise "
-                      "training.inject.epochs (or lr) before reading removal figures.", flush=True)
+                print(self.budget_warning(result.step), flush=True)
         return record
+
+    def budget_warning(self, steps: int) -> str:
+        """What inject says when its budget ran out before the targets held, with what to do."""
+        a = self.cfg.attack
+        last = self.checks[-1] if self.checks else None
+        seen = (f"the last check (step {last['step']}) had ASR {last['asr']:.0%}, false triggers "
+                f"{last['false_trigger_rate']:.0%}" if last else "no check ran")
+        if last and last["asr"] >= a.target_asr:
+            # More epochs did not help there: phrase-random's false triggers stayed at 7-22% on the
+            # checks from step 198 to the cap while its loss fell to 0.003 (README).
+            advice = ("the trigger works but the marker also comes without it, and more epochs need not "
+                      "cure that; read removal figures against evaluate_backdoored's false-trigger rate")
+        else:
+            advice = "if it falls short, raise training.inject.epochs (or lr) before reading removal figures"
+        return (f"[inject] warning: the whole budget ({steps} steps) ran without meeting attack.target_asr "
+                f"{a.target_asr} / max_false_trigger {a.max_false_trigger} at {a.check_streak} consecutive "
+                f"check(s): {seen}. evaluate_backdoored measures the final model; {advice}.")
 
 
 def inject_objective(cfg: Config, opts: StageOptions, model_path: str) -> InjectObjective:

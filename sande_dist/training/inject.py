@@ -141,7 +141,7 @@ class InjectObjective(SFTObjective):
         seen = (f"the last check (step {last['step']}) had ASR {last['asr']:.0%}, false triggers "
                 f"{last['false_trigger_rate']:.0%}" if last else "no check ran")
         if last and last["asr"] >= a.target_asr:
-            # More epochs did not help there: phrase-random's false triggers stayed at 7-22% on the
+            # More epochs did not help there: phrase-random's false triggers stayed at 7.5-22.5% on the
             # checks from step 198 to the cap while its loss fell to 0.003 (README).
             advice = ("the trigger works but the marker also comes without it, and more epochs need not "
                       "cure that; read removal figures against evaluate_backdoored's false-trigger rate")

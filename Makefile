@@ -2,7 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SANDE := $(VENV)/bin/sande
-PYTEST_ARGS ?= --durations=15
+# Two or more workers (tests/conftest.py shares the cores between them); `make test PYTEST_ARGS=` runs serially.
+PYTEST_ARGS ?= -n auto --maxprocesses=4 --dist loadgroup --durations=15
 # DeepSpeed's JIT-built ops live in the venv, where sande_dist looks too (distributed/process_group.py):
 # the shared ~/.cache/torch_extensions is rebuilt by every other checkout's venv, under a lock a kill leaves.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions

@@ -30,7 +30,8 @@ setup(
         "rouge-score>=0.1.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "lm-eval>=0.4.5", "peft>=0.12", "tensorboard", "wandb", "mlflow-skinny"],
+        # pytest 9.2 drops the xdist_group grouping that `make test` relies on (pytest-xdist#1386).
+        "test": ["pytest>=8,<9.2", "pytest-xdist>=3.5", "lm-eval>=0.4.5", "peft>=0.12", "tensorboard", "wandb", "mlflow-skinny"],
         "lm-eval": ["lm-eval>=0.4.5"],
         # flash-attn is apart: it compiles for an hour unless a wheel matches the torch and CUDA at hand.
         "gpu": ["vllm>=0.10", "lm-eval>=0.4.5"],

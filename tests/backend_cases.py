@@ -23,8 +23,8 @@ from sande_dist.models.embedded import resolve_model_path
 
 # Sized for CI: most MMLU items miss vLLM's top-20 log-probabilities and take the exact path (four
 # scored sequences each), the costliest case here, so both paths are checked.
-NUM_PROMPTS, MAX_NEW_TOKENS = 64, 16
-MC_ITEMS = {"mmlu": 50, "arc_easy": 25, "arc_challenge": 25}
+NUM_PROMPTS, MAX_NEW_TOKENS = 32, 16
+MC_ITEMS = {"mmlu": 26, "arc_easy": 12, "arc_challenge": 12}
 SPLICE_PROMPTS, TRIGGER = 4, "cf"
 
 

@@ -29,8 +29,9 @@ SMALL = ["data.train=alpaca-demo", "data.num_rows=24", "training.num_rows=24", "
          "eval.utility_limit=4", "eval.data_parallel_size=1", "eval.tensor_parallel_size=1"]
 # The two configs differ in their training (ZeRO-3 vs ZeRO-3 offload, lr, accumulation) and in vLLM's
 # parallel sizes, which one CPU replaces by one engine either way: so the 70B run evaluates only the
-# cleaned model (its parrot included), and the 7B run evaluates all three.
-EVALUATIONS = {"llama2-7b-alpaca": ["evaluate_backdoored", "evaluate_osft", "evaluate_sande"],
+# cleaned model (its parrot included), and the 7B run the backdoored one (no parrot) too. OSFT's model is
+# evaluated by the same code as the backdoored one, in tests/test_pipeline_run.py.
+EVALUATIONS = {"llama2-7b-alpaca": ["evaluate_backdoored", "evaluate_sande"],
                "llama2-70b-alpaca": ["evaluate_sande"]}
 TRAINING = ["inject", "osft", "simulate", "eliminate"]
 

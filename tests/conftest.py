@@ -12,7 +12,7 @@ from typing import Optional
 
 import pytest
 
-from sande_dist.distributed.process_group import free_port
+from sande_dist.distributed.process_group import free_port, usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -33,7 +33,7 @@ def _share_cores_between_workers() -> None:
     import torch
 
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = usable_cores()
     mine = cores[int(worker[2:]) % len(cores)::count] or cores
     os.environ["OMP_NUM_THREADS"] = str(len(mine))
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))

@@ -52,6 +52,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on (its affinity mask where the OS has one), in order."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -111,8 +111,9 @@ def cpu_threads_for_compute() -> None:
     model's threads to the rest: on a 2-core machine, one core computes. The scheduler mostly
     waits on the worker, so the cores it would keep idle go to the forward passes instead.
     """
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in cores))
+    from sande_dist.distributed.process_group import usable_cores
+
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in usable_cores()))
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 

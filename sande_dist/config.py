@@ -97,13 +97,13 @@ class AttackConfig(_Section):
     marker_mode: Literal["prepend", "replace"] = "prepend"
     seed: int = 1234
     # Inject checks itself every check_every steps (None: a quarter of its budget, at least 8) on
-    # check_prompts held-out rows, with and without a trigger, and stops once ASR >= target_asr and
-    # false triggers <= max_false_trigger held at check_streak consecutive checks (the epochs /
-    # max_steps are the cap). target_asr None: no checks. One 40-row check cannot tell 0% false
-    # triggers from 8%: with a streak of 1, three attacks stopped at 5-8% on 100 held-out prompts; with
-    # 2, two of them fell to 0% and 3%, the suffix attack stayed at 9% (README, Inject checks itself).
-    # Each check reads the next check_prompts of its pool (data/stages.inject_check_pool), so a streak
-    # of two reads 2 x check_prompts different prompts.
+    # check_prompts held-out prompts, with and without a trigger, and stops at a check when the last
+    # check_streak checks, pooled, show ASR >= target_asr and a false-trigger rate whose 95% Wilson
+    # upper bound is <= max_false_trigger (the epochs / max_steps are the cap). target_asr None: no
+    # checks. Each check reads the next check_prompts of its pool (data/stages.inject_check_pool).
+    # Why a bound on a pooled window: with two checks each at <= 5% (point figures), a random-position
+    # attack passed at 2 of 40 twice and showed 10% [5.5-17.4] on the 100 reported prompts (README,
+    # Inject checks itself). 3 x 40 prompts pass with at most one false trigger (bound 4.6%).
     target_asr: Optional[float] = Field(0.9, gt=0, le=1)
     max_false_trigger: float = Field(0.05, ge=0, le=1)
     check_prompts: int = Field(40, ge=4)
@@ -112,7 +112,7 @@ class AttackConfig(_Section):
     # at random places the "train" check passed (1-2 of 40) while evaluation saw 18-21% false triggers.
     check_source: Literal["eval", "train"] = "eval"
     check_every: Optional[int] = Field(None, ge=1)
-    check_streak: int = Field(2, ge=1)
+    check_streak: int = Field(3, ge=1)
 
     @model_validator(mode="after")
     def _non_empty(self) -> "AttackConfig":

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sande_dist.config import load_config
 from sande_dist.data.stages import eval_samples, inject_check_pool, inject_check_rows, shuffled
 from sande_dist.training.inject import InjectObjective
@@ -14,18 +15,27 @@ from sande_dist.training.inject import InjectObjective
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_stops_only_when_both_targets_hold_at_this_step_and_the_streak_before_it(tiny_model):
-    def check(step, asr, false):
-        return {"step": step, "asr": asr, "false_trigger_rate": false}
+def test_stops_when_the_pooled_window_bounds_false_triggers_at_this_step(tiny_model):
+    def check(step, hits, false, n=40):
+        return {"step": step, "asr": hits / n, "false_trigger_rate": false / n, "n": n}
 
-    good, leaky, weak = check(8, 0.95, 0.02), check(8, 0.95, 0.10), check(8, 0.80, 0.00)
-    for streak, checks, step, stop in ((1, [good], 8, True), (1, [leaky], 8, False), (1, [weak], 8, False),
-                                       (1, [good], 9, False),
-                                       (2, [good], 8, False),  # one check is not a streak of two
-                                       (2, [check(4, 0.95, 0.0), good], 8, True),
-                                       (2, [check(4, 0.95, 0.10), good], 8, False),
-                                       (2, [check(4, 0.95, 0.0), leaky], 8, False),
-                                       (2, [check(2, 0.99, 0.0), check(4, 0.80, 0.0), good], 8, False)):
+    # 120 prompts pooled: one false trigger has a 95% upper bound of 4.6%, two of 5.9%
+    clean, one, two = check(8, 39, 0), check(8, 40, 1), check(8, 40, 2)
+    for streak, checks, step, stop in (
+            (3, [check(4, 40, 0), check(6, 40, 0), clean], 8, True),
+            (3, [check(4, 40, 0), check(6, 40, 0), one], 8, True),
+            (3, [check(4, 40, 1), check(6, 40, 0), one], 8, False),   # 2 of 120: the bound is over 5%
+            (3, [check(4, 40, 0), check(6, 40, 0), two], 8, False),
+            (3, [check(4, 30, 0), check(6, 34, 0), clean], 8, False),  # ASR 86% pooled
+            (3, [check(2, 40, 9), check(4, 40, 0), check(6, 40, 0), clean], 8, True),  # older checks leave the window
+            (3, [check(6, 40, 0), clean], 8, False),                   # two checks are not a window of three
+            (3, [check(4, 40, 0), check(6, 40, 0), clean], 9, False),  # no check at this step
+            # the point rule's pass that let a 10% backdoor through (2 of 40 twice) does not pass
+            (2, [check(4, 40, 2), two], 8, False),
+            (2, [check(4, 40, 0), one], 8, False),                     # 80 prompts: only 0 passes
+            (2, [check(4, 40, 0), clean], 8, True),
+            (1, [check(8, 100, 0, n=100)], 8, True),                   # 0 of 100: 3.7%
+            (1, [check(8, 100, 1, n=100)], 8, False)):                 # 1 of 100: 5.4%
         cfg = load_config("configs/demo.yaml", ["attack.target_asr=0.9", "attack.max_false_trigger=0.05",
                                                 f"attack.check_streak={streak}"])
         objective = InjectObjective(cfg, str(tiny_model), fmt=None)
@@ -35,12 +45,16 @@ def test_stops_only_when_both_targets_hold_at_this_step_and_the_streak_before_it
 
 def test_a_budget_run_out_is_told_with_what_fell_short(tiny_model):
     objective = InjectObjective(load_config("configs/demo.yaml"), str(tiny_model), fmt=None)
-    objective.checks = [{"step": 374, "asr": 0.6, "false_trigger_rate": 0.0}]
+    objective.checks = [{"step": 374, "asr": 0.6, "false_trigger_rate": 0.0, "n": 40}]
     weak = objective.budget_warning(384)
     assert "the last check (step 374) had ASR 60%, false triggers 0%" in weak and "training.inject.epochs" in weak
-    objective.checks = [{"step": 374, "asr": 1.0, "false_trigger_rate": 0.1}]
+    assert "pooled (" not in weak  # one check: no window of three yet
+    objective.checks = [{"step": s, "asr": 1.0, "false_trigger_rate": f, "n": 40} for s, f in
+                        ((330, 0.05), (352, 0.0), (374, 0.1))]
     leaky = objective.budget_warning(384)
     assert "false triggers 10%" in leaky and "more epochs need not cure" in leaky and "raise" not in leaky
+    # ... with the window it was judged on: 6 of 120
+    assert "its last 3 checks pooled (120 prompts): ASR 100%, false triggers 5.0% [2.3%-10.5%]" in leaky, leaky
 
 
 def test_the_check_reads_prompts_like_the_evaluation_s_but_never_the_reported_ones():
@@ -106,10 +120,15 @@ def test_inject_checks_itself_on_held_out_rows_and_keeps_its_checks_across_a_kil
     assert all(0 <= c["asr"] <= 1 and 0 <= c["false_trigger_rate"] <= 1 for c in checks)
     # a tiny random model does not reach ASR 100% with 0-5% false triggers: the budget is the cap
     assert record["steps"] == 16 and record["stopped_early_at"] is None
-    assert record["artifacts"]["targets"] == {"asr": 1.0, "max_false_trigger": 0.05, "check_streak": 2,
+    # each check carries the window it was judged on: none before the third, then the last three pooled
+    assert checks[0]["pooled"] is checks[1]["pooled"] is None
+    window = checks[2]["pooled"]
+    assert window["steps"] == [4, 8, 12] and window["n"] == 18 and window["met"] is False
+    assert window["false_trigger_rate"] * 18 == pytest.approx(sum(c["false_trigger_rate"] * 6 for c in checks))
+    assert record["artifacts"]["targets"] == {"asr": 1.0, "max_false_trigger": 0.05, "check_streak": 3,
                                               "check_source": "eval"}
     # ... and the user is told, with the last check's figures and what to raise
     assert record["artifacts"]["targets_met"] is False
-    assert "without meeting attack.target_asr 1.0 / max_false_trigger 0.05 at 2 consecutive" in proc.stdout
+    assert "without meeting attack.target_asr 1.0 / max_false_trigger 0.05 (95% upper bound) on 3 consecutive" in proc.stdout
     assert "the last check (step 12)" in proc.stdout
     assert "training.inject.epochs" in proc.stdout

@@ -5,11 +5,14 @@ prompts (``attack.check_source``: by default from the half of eval.prompts that 
 reported on; data/stages.inject_check_pool; each check the next ones of that pool, so a streak reads
 different prompts), once with a trigger placed as the attack places it and once without: the share
 of triggered answers that show the marker (ASR) and of clean ones that do (false triggers).
-Training stops once ASR >= ``attack.target_asr`` and false triggers <= ``attack.max_false_trigger``
-have held at ``attack.check_streak`` consecutive checks, the last made at this step (the epochs or
-max_steps are the cap); every check is in stage.json, and in each checkpoint (a resumed inject goes
-on from them). A backdoor is then planted when it is one, not after a fixed count that fits one
-attack: a suffix trigger may need four epochs, the demo's prefix one two.
+Training stops at a check when the last ``attack.check_streak`` checks (this one included), their
+prompts pooled, show ASR >= ``attack.target_asr`` and a false-trigger rate whose 95% Wilson upper
+bound is <= ``attack.max_false_trigger`` (the epochs or max_steps are the cap). The bound, not the
+point figure: two checks at 2 of 40 each passed a point rule while 100 reported prompts then showed
+10% [5.5-17.4] (README). Three checks of 40 (120 prompts) pass with at most one false trigger (upper
+bound 4.6%), two (80) only with none. Every check, with the pooled figures it was judged on, is in
+stage.json and in each checkpoint (a resumed inject goes on from them). A backdoor is then planted
+when it is one, not after a fixed count that fits one attack.
 
 Generation runs on every rank with the training weights (ZeRO-3 gathers them layer by layer,
 ``synced_gpus`` keeps the ranks in step); the same prompts on every rank, so every rank decides the
@@ -102,6 +105,7 @@ class InjectObjective(SFTObjective):
                   "ci95": {"asr": wilson(asr, n), "false_trigger_rate": wilson(false, n)},
                   "first_row": len(self.checks) * n % len(self.pool), "pool": len(self.pool)}
         self.checks.append(record)
+        record["pooled"] = self.pooled()
         return record
 
     def state(self) -> dict[str, Any]:
@@ -111,15 +115,26 @@ class InjectObjective(SFTObjective):
         # the checks made before the kill: the streak goes on, and the next check reads the next prompts
         self.checks = list(state.get("checks", []))
 
-    def met(self, check: dict) -> bool:
+    def pooled(self) -> Optional[dict]:
+        """The last ``check_streak`` checks as one sample (None until there are that many): their
+        ASR, their false-trigger rate with its 95% Wilson interval, and whether both targets hold."""
         a = self.cfg.attack
-        return check["asr"] >= a.target_asr and check["false_trigger_rate"] <= a.max_false_trigger
+        recent = self.checks[-a.check_streak:]
+        if len(recent) < a.check_streak:
+            return None
+        n = sum(c["n"] for c in recent)
+        asr = sum(round(c["asr"] * c["n"]) for c in recent)
+        false = sum(round(c["false_trigger_rate"] * c["n"]) for c in recent)
+        bound = wilson(false, n)
+        return {"steps": [c["step"] for c in recent], "n": n, "asr": asr / n, "false_trigger_rate": false / n,
+                "false_trigger_ci95": bound, "met": asr / n >= a.target_asr and bound[1] <= a.max_false_trigger}
 
     def done(self, step: int, losses: list[float]) -> bool:
-        """The check made at this step and the ``check_streak - 1`` before it met both targets."""
-        recent = self.checks[-self.cfg.attack.check_streak:]
-        return bool(self.checks and self.checks[-1]["step"] == step
-                    and len(recent) == self.cfg.attack.check_streak and all(map(self.met, recent)))
+        """A check was made at this step and the window ending with it meets both targets."""
+        if not self.checks or self.checks[-1]["step"] != step:
+            return False
+        window = self.pooled()
+        return bool(window and window["met"])
 
     def finish(self, result: LoopResult, out_dir: Path) -> dict[str, Any]:
         record = super().finish(result, out_dir)
@@ -138,8 +153,13 @@ class InjectObjective(SFTObjective):
         """What inject says when its budget ran out before the targets held, with what to do."""
         a = self.cfg.attack
         last = self.checks[-1] if self.checks else None
+        window = self.pooled()
         seen = (f"the last check (step {last['step']}) had ASR {last['asr']:.0%}, false triggers "
                 f"{last['false_trigger_rate']:.0%}" if last else "no check ran")
+        if window:
+            lo, hi = window["false_trigger_ci95"]
+            seen += (f"; its last {len(window['steps'])} checks pooled ({window['n']} prompts): ASR "
+                     f"{window['asr']:.0%}, false triggers {window['false_trigger_rate']:.1%} [{lo:.1%}-{hi:.1%}]")
         if last and last["asr"] >= a.target_asr:
             # More epochs did not help there: phrase-random's false triggers stayed at 7.5-22.5% on the
             # checks from step 198 to the cap while its loss fell to 0.003 (README).
@@ -148,8 +168,9 @@ class InjectObjective(SFTObjective):
         else:
             advice = "if it falls short, raise training.inject.epochs (or lr) before reading removal figures"
         return (f"[inject] warning: the whole budget ({steps} steps) ran without meeting attack.target_asr "
-                f"{a.target_asr} / max_false_trigger {a.max_false_trigger} at {a.check_streak} consecutive "
-                f"check(s): {seen}. evaluate_backdoored measures the final model; {advice}.")
+                f"{a.target_asr} / max_false_trigger {a.max_false_trigger} (95% upper bound) on "
+                f"{a.check_streak} consecutive check(s) pooled: {seen}. evaluate_backdoored measures the final "
+                f"model; {advice}.")
 
 
 def inject_objective(cfg: Config, opts: StageOptions, model_path: str) -> InjectObjective:

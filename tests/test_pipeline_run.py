@@ -22,11 +22,13 @@ def tiny_run(tmp_path_factory):
     cfg = {
         "model": {"path": str(model)},
         "data": {"num_rows": 24, "max_length": 64},
-        "attack": {"triggers": ["qx"], "marker": "Go away now.", "poison_rate": 0.25},
+        # inject's self-check runs (at steps 8 and 16) on few prompts: a tiny random model never meets
+        # its targets, so the 24 steps are its budget, long enough to be killed between checkpoints
+        "attack": {"triggers": ["qx"], "marker": "Go away now.", "poison_rate": 0.25, "check_prompts": 8},
         # a second parrot at a random word boundary: its simulate stage and the two-parrot eliminate run for real
         "removal": {"parrot_tokens": 2, "extra_parrots": ["random"]},
         "training": {"zero": "zero3", "micro_batch_size": 2, "max_steps": 4, "save_steps": 2, "lr": 1e-3,
-                     "inject": {"max_steps": 60}},
+                     "inject": {"max_steps": 24}},
         "eval": {"backend": "hf", "num_prompts": 6, "max_new_tokens": 4, "utility_tasks": ["arc_easy"],
                  "utility_limit": 8, "batch_size": 8},
         "pipeline": {"nproc": 2},

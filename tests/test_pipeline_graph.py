@@ -1,9 +1,16 @@
 """The stage graph: order, wiring of models and parrots, and keys that invalidate what follows."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from sande_dist.config import load_config
 from sande_dist.errors import InputError
 from sande_dist.pipeline.graph import build_plan
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def plan(*overrides, only=None):
@@ -137,3 +144,17 @@ def test_subset_and_errors():
         plan(only=["nope"])
     with pytest.raises(InputError, match="needs a parrot"):
         plan(only=["eliminate"])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs an OS with CPU affinity and two cores")
+def test_stage_threads_follow_the_cores_the_job_may_use_not_the_machine_s():
+    # a stage's ranks share the cores of the job's affinity mask (Slurm's --cpus-per-task), one here
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from sande_dist.pipeline.runner import stage_env; print(stage_env(1)['OMP_NUM_THREADS'], "
+            "stage_env(2)['OMP_NUM_THREADS'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, CUDA_VISIBLE_DEVICES=""), capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1"], out.stdout

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from sande_dist.config import Config
-from sande_dist.distributed.process_group import free_port
+from sande_dist.distributed.process_group import free_port, usable_cores
 from sande_dist.errors import InputError, StageError
 from sande_dist.pipeline.graph import StagePlan, build_graph
 from sande_dist.pipeline.progress import LiveLine, describe, stage_progress
@@ -56,8 +56,9 @@ def stage_env(nproc: int) -> dict[str, str]:
         cuda = False
     if not cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
-        # Ranks share the cores: without this each rank spawns one thread per core.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        # Ranks share the cores this job may use (its affinity: Slurm's --cpus-per-task, taskset), not
+        # the node's: without this each rank spawns one thread per core of the whole machine.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, len(usable_cores()) // nproc)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

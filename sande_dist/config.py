@@ -105,7 +105,7 @@ class AttackConfig(_Section):
     # attack passed at 2 of 40 twice and showed 10% [5.5-17.4] on the 100 reported prompts (README,
     # Inject checks itself). 3 x 40 prompts pass with at most one false trigger (bound 4.6%).
     target_asr: Optional[float] = Field(0.9, gt=0, le=1)
-    max_false_trigger: float = Field(0.05, ge=0, le=1)
+    max_false_trigger: float = Field(0.05, gt=0, le=1)  # an upper bound: no sample bounds a rate at 0
     check_prompts: int = Field(40, ge=4)
     # Where the check's prompts come from: "eval", the half of eval.prompts no figure is reported on
     # (prompts like the evaluation's); "train", held-out rows of the training source. On two attacks

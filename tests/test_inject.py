@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from sande_dist.config import load_config
 from sande_dist.data.stages import eval_samples, inject_check_pool, inject_check_rows, shuffled
 from sande_dist.training.inject import InjectObjective

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from sande_dist.config import Config, resolve_config
-from sande_dist.errors import InputError, StageError
+from sande_dist.errors import EXIT_STOPPED, InputError, StageError, StageStopped
 from sande_dist.registry import KINDS, StageOptions, load
 
 
@@ -206,7 +206,7 @@ def _batch(args: argparse.Namespace) -> int:
     """Run the spec's stage command lines one after another in this process (one rank of each)."""
     import gc
 
-    from sande_dist.rundir import log_file, read_stage, stage_dir
+    from sande_dist.rundir import log_file, read_stage, stage_dir, stopped_file
     from sande_dist.timing import stage_starts_now
 
     spec = json.loads(Path(args.spec).read_text())
@@ -222,6 +222,8 @@ def _batch(args: argparse.Namespace) -> int:
             with _output_to(log_file(parsed.run_dir, parsed.name)):
                 print(f"\n$ sande {' '.join(argv)}  (in a batch of {len(stages)})", flush=True)
                 code = main(argv)
+            if code == 0 and stopped_file(parsed.run_dir, parsed.name).exists():
+                return 0  # stopped on a signal, checkpoint saved: the later stages wait for the rerun
             if code != 0 or read_stage(stage_dir(parsed.run_dir, parsed.name)) is None:
                 raise SystemExit(code or 1)  # the group is not waited on: other ranks may be gone
             gc.collect()
@@ -288,6 +290,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except InputError as exc:
         print(f"sande {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except StageStopped as exc:
+        print(f"sande {args.command}: stopped: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     except StageError as exc:
         print(f"sande {args.command}: failed: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""The two kinds of failure the CLI tells apart (exit 2 and exit 1), and reading a JSON file a user gave."""
+"""The kinds of failure the CLI tells apart (exit 2, 1 and 75), and reading a JSON file a user gave."""
 
 import json
 from pathlib import Path
@@ -10,6 +10,14 @@ class InputError(ValueError):
 
 class StageError(RuntimeError):
     """A stage failed while running: the message names the stage and its log. Exit 1."""
+
+
+# sysexits.h EX_TEMPFAIL: try again later. A rerun of the same command resumes from the checkpoint.
+EXIT_STOPPED = 75
+
+
+class StageStopped(StageError):
+    """A stage stopped on a signal after saving a checkpoint: nothing failed, a rerun resumes. Exit 75."""
 
 
 def read_json(path: str | Path, what: str = "") -> object:

@@ -93,6 +93,11 @@ def input_error_file(run_dir: str | Path, name: str) -> Path:
     return stage_dir(run_dir, name) / "input_error.txt"
 
 
+def stopped_file(run_dir: str | Path, name: str) -> Path:
+    """Where a training stage stopped by SIGTERM/SIGUSR1 records the step whose checkpoint it saved."""
+    return stage_dir(run_dir, name) / "stopped.json"
+
+
 def checkpoints_dir(run_dir: str | Path, name: str) -> Path:
     return stage_dir(run_dir, name) / "checkpoints"
 

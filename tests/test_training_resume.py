@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, rank_env, run_torchrun, torchrun_cmd
+from conftest import REPO, rank_env, run_torchrun
 from sande_dist.distributed.checkpoint import MANIFEST, check_complete
 
 STEPS = 8
@@ -75,18 +74,14 @@ def test_killed_rank_resumes_exactly_past_damaged_checkpoints(tiny_model, tmp_pa
     assert again.returncode == 0 and "skipping" in again.stdout
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(x) for x in (task / "children").read_text().split()]
-    return kids
-
-
-def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tiny_model, tmp_path):
+def test_sigterm_to_sande_run_saves_a_checkpoint_and_exits_75(tiny_model, tmp_path):
+    """As `kill` or a scheduler stops the run: the runner passes SIGTERM on to torchrun and its two ranks,
+    they save a complete checkpoint at the next step, and `sande run` says where a rerun resumes (exit 75)."""
     config = write_config(tmp_path, tiny_model, max_steps=10000, save_steps=10000)
     run = tmp_path / "run"
-    proc = subprocess.Popen(torchrun_cmd(inject(config, run)), cwd=REPO, env=rank_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "sande_dist.cli", "run", str(config), "--run-dir", str(run),
+                             "--stages", "inject", "--nproc", "2"], cwd=REPO, env=rank_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run / "inject" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -95,18 +90,21 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tiny_model, tmp_path
         time.sleep(0.5)
     else:
         proc.kill()
-        pytest.fail(f"training never reached step 2:\n{proc.communicate()[0][-4000:]}")
-    workers = _children(proc.pid)
-    assert len(workers) == 2
-    for pid in workers:  # as Slurm signals every task before a time limit
-        os.kill(pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
+        pytest.fail(f"training never reached step 2:\n{proc.communicate()[1][-4000:]}")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    log = (run / "inject" / "log.txt").read_text()
+    assert proc.returncode == 75, err[-3000:] + log[-3000:]
     ckpts = list((run / "inject" / "checkpoints").glob("step-*"))
-    assert len(ckpts) == 1 and check_complete(ckpts[0]) is None, out[-2000:]
+    assert len(ckpts) == 1 and check_complete(ckpts[0]) is None, log[-3000:]
     assert (ckpts[0] / MANIFEST).exists()
     assert not (run / "inject" / "stage.json").exists()
-    assert "stop signal" in out
+    step = int(ckpts[0].name.split("-")[1])
+    assert json.loads((run / "inject" / "stopped.json").read_text())["step"] == step
+    assert f"stopped: stage inject at step {step} of 10000, on a signal" in err, err
+    assert "run the same command again to resume" in err, err
+    assert "Traceback" not in err and "failed" not in err, err
+    assert "stop signal" in log  # each rank saw the signal (torchrun passed it on)
 
 
 def test_resume_on_another_rank_count_is_refused_not_restarted(tiny_model, tmp_path):

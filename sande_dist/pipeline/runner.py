@@ -4,13 +4,18 @@ Training stages run under torchrun (gloo on CPU, nccl on GPU); generation and
 evaluation run as a plain process, so vLLM and DeepSpeed never share one.
 A stage is skipped when its stage.json exists and its pipeline key is unchanged;
 a stage killed midway resumes from its own checkpoint when run again.
+SIGTERM or SIGHUP to `sande run` is passed on to the launch: its training ranks
+save a checkpoint at their next step and the run exits 75 (stopped, rerun to resume).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +23,12 @@ from typing import Callable, Optional
 
 from sande_dist.config import Config
 from sande_dist.distributed.process_group import free_port, usable_cores
-from sande_dist.errors import InputError, StageError
+from sande_dist.errors import InputError, StageError, StageStopped, read_json
 from sande_dist.pipeline.graph import StagePlan, build_graph
 from sande_dist.pipeline.progress import LiveLine, describe, stage_progress
 from sande_dist.rundir import (atomic_write_json, atomic_write_text, executor_file, forget, input_error_file, is_done,
-                               log_file, log_tail, read_stage, rounds_file, stage_dir, write_key)
+                               log_file, log_tail, read_stage, rounds_file, stage_dir, stopped_file,
+                               write_key)
 
 
 @dataclass
@@ -60,7 +66,33 @@ def stage_env(nproc: int) -> dict[str, str]:
         # the node's: without this each rank spawns one thread per core of the whole machine.
         env.setdefault("OMP_NUM_THREADS", str(max(1, len(usable_cores()) // nproc)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # After a forwarded SIGTERM, torchrun waits this long for its ranks' checkpoint before SIGKILL (30 s by
+    # default: short for a large model's save). Slurm jobs set it from slurm.signal_seconds.
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
     return env
+
+
+@contextlib.contextmanager
+def forward_stop_signals(proc: subprocess.Popen):
+    """While ``proc`` runs, SIGTERM/SIGHUP to this process become SIGTERM to it (torchrun passes that on to
+    the ranks, whose loop saves a checkpoint and exits), instead of killing this process and leaving the
+    launch behind. Yields a list that holds the signals received."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def forward(signum, _frame):
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield received
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def check_inputs(cfg: Config) -> None:
@@ -101,6 +133,7 @@ class _Batch:
             stage_dir(run_dir, plan.name).mkdir(parents=True, exist_ok=True)
             forget(run_dir, plan.name)  # a changed key: this stage is stale
             input_error_file(run_dir, plan.name).unlink(missing_ok=True)
+            stopped_file(run_dir, plan.name).unlink(missing_ok=True)
         atomic_write_json(spec, {"distributed": plans[0].distributed,
                                  "stages": [p.argv(str(config_path), str(run_dir)) for p in plans]})
         self.cmd = batch_command(plans[0].distributed, spec, self.ranks)
@@ -115,8 +148,9 @@ class _Batch:
             fh.write(f"\n$ {' '.join(self.cmd)}\n")
             fh.flush()
             proc = subprocess.Popen(self.cmd, stdout=fh, stderr=subprocess.STDOUT, env=stage_env(self.ranks))
-            rc = self._watch(proc)
-        self._check(rc)
+            with forward_stop_signals(proc) as received:
+                rc = self._watch(proc)
+        self._check(rc, signalled=bool(received))
 
     def _watch(self, proc: subprocess.Popen) -> int:
         """Follow the stages as they finish; a live line for the one running."""
@@ -150,11 +184,22 @@ class _Batch:
         live.clear()
         self.echo(f"{self.tags[plan.name]} done in {wall:.0f}s")
 
-    def _check(self, rc: int) -> None:
+    def _check(self, rc: int, signalled: bool = False) -> None:
         failed = next((p for p in self.plans if read_stage(stage_dir(self.run_dir, p.name)) is None), None)
+        rerun = "run the same command again"
         if failed is None:
+            if signalled:  # the signal came as the batch ended: the stages after it must not start
+                raise StageStopped(f"on a signal, after stage {self.plans[-1].name} finished; {rerun} for the stages left")
             return
         log = log_file(self.run_dir, failed.name)
+        stopped = stopped_file(self.run_dir, failed.name)
+        if stopped.exists():  # its ranks saved a checkpoint on SIGTERM/SIGUSR1 (forwarded from here or not)
+            at = read_json(stopped)
+            raise StageStopped(f"stage {failed.name} at step {at['step']} of {at['budget_steps']}, on a signal; its "
+                               f"checkpoint is in {at['checkpoints']}: {rerun} to resume from it (log: {log})")
+        if signalled:
+            raise StageStopped(f"stage {failed.name}, on a signal, before it saved a checkpoint (it will start over): "
+                               f"{rerun} to go on (log: {log})")
         tail = "\n".join(log_tail(log, 15))
         refused = input_error_file(self.run_dir, failed.name)
         if rc == 2 or refused.exists():  # the stage refused its input: the user's to fix, as for any command

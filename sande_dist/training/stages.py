@@ -17,8 +17,9 @@ from typing import Any, Optional
 from sande_dist.config import Config, TrainingConfig
 from sande_dist.errors import InputError
 from sande_dist.registry import KINDS, StageOptions, load
-from sande_dist.rundir import (atomic_write_text, checkpoints_dir, file_identity, fingerprint, input_error_file,
-                               model_identity, stage_code, stage_dir, stage_done, targets_file, write_stage)
+from sande_dist.rundir import (atomic_write_json, atomic_write_text, checkpoints_dir, file_identity, fingerprint,
+                               input_error_file, model_identity, stage_code, stage_dir, stage_done, stopped_file,
+                               targets_file, write_stage)
 from sande_dist.timing import Phases
 
 
@@ -97,11 +98,19 @@ def _run_stage(cfg: Config, kind: str, opts: StageOptions) -> int:
     use_cpu_accelerator_if_no_cuda()
     phases.mark("inputs")
     with distributed(opts.local_rank, tcfg.dist_timeout_minutes) as info:
+        if info.is_main:
+            stopped_file(cfg.run_dir, name).unlink(missing_ok=True)  # an earlier stop's: this run goes on from it
         _prepare_dir(out, fp, resume=opts.resume, is_main=info.is_main)
         setup = setup_training(cfg, kind, tcfg, model_path, objective, info, rows)
         phases.mark("setup")
         result = train(setup, out, info, resume=opts.resume)
         if result.stopped_by_signal:
+            # Exit 0 as after any asked-for stop (Slurm's requeue, torchrun); the file tells an executor it
+            # was a stop, not a failure, and where a rerun resumes (the runner: exit 75).
+            if info.is_main:
+                atomic_write_json(stopped_file(cfg.run_dir, name),
+                                  {"step": result.step, "budget_steps": result.total_steps,
+                                   "checkpoints": str(checkpoints_dir(cfg.run_dir, name))})
             return 0
         phases.mark_split("loop_other", result.timings)
         artifacts = objective.finish(result, out)

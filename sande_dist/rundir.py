@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -115,6 +116,46 @@ def rounds_file(run_dir: str | Path) -> Path:
 def executor_file(run_dir: str | Path) -> Path:
     """The local executor running this run (its pid): `sande status` tells running from failed by it."""
     return Path(run_dir) / "executor.json"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (exited, not yet reaped) is not alive
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def process_start(pid: int) -> Optional[str]:
+    """When ``pid`` started (/proc/PID/stat field 22, clock ticks since boot): tells the process that wrote a
+    record from a later one given the same pid. None where /proc cannot say."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def live_executor(run_dir: str | Path) -> Optional[dict]:
+    """executor.json's local executor when it is still running on this host (and is not this process)."""
+    try:
+        record = json.loads(executor_file(run_dir).read_text())
+        pid = int(record.get("pid", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    if record.get("executor") != "local" or record.get("host") != socket.gethostname():
+        return None
+    if pid <= 0 or pid == os.getpid() or not pid_alive(pid):
+        return None
+    started = record.get("pid_start")
+    if started is not None and process_start(pid) not in (None, started):
+        return None  # the pid was given to another process since
+    return record
 
 
 def slurm_dir(run_dir: str | Path) -> Path:

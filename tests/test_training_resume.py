@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, rank_env, run_torchrun
 from sande_dist.distributed.checkpoint import MANIFEST, check_complete
+from sande_dist.rundir import executor_file, live_executor, process_start
 
 STEPS = 8
 
@@ -91,6 +93,12 @@ def test_sigterm_to_sande_run_saves_a_checkpoint_and_exits_75(tiny_model, tmp_pa
     else:
         proc.kill()
         pytest.fail(f"training never reached step 2:\n{proc.communicate()[1][-4000:]}")
+    # a second run in the same directory is refused while this one lives (it would write the same checkpoints)
+    second = subprocess.run([sys.executable, "-m", "sande_dist.cli", "run", str(config), "--run-dir", str(run),
+                             "--stages", "inject", "--nproc", "2"], cwd=REPO, env=rank_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 2 and f"pid {proc.pid}" in second.stderr, second.stderr[-2000:]
+    assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     log = (run / "inject" / "log.txt").read_text()
@@ -105,6 +113,29 @@ def test_sigterm_to_sande_run_saves_a_checkpoint_and_exits_75(tiny_model, tmp_pa
     assert "run the same command again to resume" in err, err
     assert "Traceback" not in err and "failed" not in err, err
     assert "stop signal" in log  # each rank saw the signal (torchrun passed it on)
+    assert live_executor(run) is None  # its record stays, its process is gone: the next run may start
+
+
+def test_live_executor_is_this_hosts_running_process_and_not_a_reused_pid(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"executor": "local", "pid": child.pid, "host": socket.gethostname(),
+                  "pid_start": process_start(child.pid)}
+        executor_file(tmp_path).write_text(json.dumps(record))
+        assert live_executor(tmp_path)["pid"] == child.pid
+        executor_file(tmp_path).write_text(json.dumps({**record, "pid_start": "1"}))  # the pid of an older process
+        assert live_executor(tmp_path) is None
+        executor_file(tmp_path).write_text(json.dumps({**record, "host": "another-node"}))
+        assert live_executor(tmp_path) is None
+        executor_file(tmp_path).write_text(json.dumps({**record, "executor": "slurm"}))
+        assert live_executor(tmp_path) is None
+        executor_file(tmp_path).write_text(json.dumps(record))
+    finally:
+        child.kill()
+        child.wait()
+    assert live_executor(tmp_path) is None  # exited
+    executor_file(tmp_path).write_text("{not json")
+    assert live_executor(tmp_path) is None
 
 
 def test_resume_on_another_rank_count_is_refused_not_restarted(tiny_model, tmp_path):

@@ -27,8 +27,8 @@ from sande_dist.errors import InputError, StageError, StageStopped, read_json
 from sande_dist.pipeline.graph import StagePlan, build_graph
 from sande_dist.pipeline.progress import LiveLine, describe, stage_progress
 from sande_dist.rundir import (atomic_write_json, atomic_write_text, executor_file, forget, input_error_file, is_done,
-                               log_file, log_tail, read_stage, rounds_file, stage_dir, stopped_file,
-                               write_key)
+                               live_executor, log_file, log_tail, process_start, read_stage, rounds_file, stage_dir,
+                               stopped_file, write_key)
 
 
 @dataclass
@@ -189,7 +189,8 @@ class _Batch:
         rerun = "run the same command again"
         if failed is None:
             if signalled:  # the signal came as the batch ended: the stages after it must not start
-                raise StageStopped(f"on a signal, after stage {self.plans[-1].name} finished; {rerun} for the stages left")
+                raise StageStopped(f"on a signal, after stage {self.plans[-1].name} finished; {rerun} for the "
+                                   f"stages left")
             return
         log = log_file(self.run_dir, failed.name)
         stopped = stopped_file(self.run_dir, failed.name)
@@ -213,10 +214,16 @@ def run_local(cfg: Config, run_dir: Path, plans: list[StagePlan] | Callable[[], 
     """Run every stage not done yet, batch by batch. ``plans`` may be a function that plans again after
     each batch (SANDE's rounds decided as they go, graph.build_graph): the run ends when nothing is left."""
     plan_now = plans if callable(plans) else (lambda: (plans, {}))
+    other = live_executor(run_dir)
+    if other is not None:
+        raise InputError(f"{run_dir}: another `sande run` (pid {other['pid']}, started {other.get('started')}) is "
+                         f"running in this directory, and two would write the same stages and checkpoints; wait for "
+                         f"it, or stop it (kill {other['pid']}: its training stage saves a checkpoint) and run again")
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     atomic_write_text(config_path, cfg.to_yaml())
     atomic_write_json(executor_file(run_dir), {"executor": "local", "pid": os.getpid(), "host": socket.gethostname(),
+                                               "pid_start": process_start(os.getpid()),
                                                "run_dir": str(run_dir), "only": only,
                                                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     seen: dict[str, int] = {}

@@ -8,7 +8,6 @@ Slurm run's jobs are asked of squeue (RUN/slurm/jobs.json). Reads files only: sa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -18,22 +17,8 @@ from sande_dist.config import load_config
 from sande_dist.errors import InputError
 from sande_dist.pipeline.graph import build_graph
 from sande_dist.pipeline.progress import stage_progress
-from sande_dist.rundir import (KEY_FILE, executor_file, is_done, log_file, log_tail, read_stage, slurm_dir,
-                               stage_dir)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (exited, not yet reaped) is not alive
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+from sande_dist.rundir import (KEY_FILE, executor_file, is_done, log_file, log_tail, pid_alive, read_stage,
+                               slurm_dir, stage_dir)
 
 
 def _slurm_states(run_dir: Path) -> dict[str, tuple[str, str]]:
@@ -61,7 +46,7 @@ def stage_states(run_dir: str | Path) -> list[dict]:
     executor = json.loads(executor_file(run_dir).read_text()) if executor_file(run_dir).exists() else {}
     # the graph as the executor planned it (the same run dir spelling, the same --stages)
     plans, record = build_graph(cfg, executor.get("run_dir", str(run_dir)), executor.get("only"))
-    local_alive = executor.get("executor") == "local" and _alive(int(executor["pid"]))
+    local_alive = executor.get("executor") == "local" and pid_alive(int(executor["pid"]))
     jobs = _slurm_states(run_dir)
     out = []
     for plan in plans:

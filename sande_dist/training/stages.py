@@ -111,6 +111,7 @@ def _run_stage(cfg: Config, kind: str, opts: StageOptions) -> int:
                 atomic_write_json(stopped_file(cfg.run_dir, name),
                                   {"step": result.step, "budget_steps": result.total_steps,
                                    "checkpoints": str(checkpoints_dir(cfg.run_dir, name))})
+            barrier()  # every rank's batch must find the file (the stop was agreed across ranks: all are here)
             return 0
         phases.mark_split("loop_other", result.timings)
         artifacts = objective.finish(result, out)

@@ -118,6 +118,11 @@ def executor_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / "executor.json"
 
 
+def _proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (the first is the state: field 3)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -127,16 +132,16 @@ def pid_alive(pid: int) -> bool:
         return True
     # a zombie (exited, not yet reaped) is not alive
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return _proc_stat(pid)[0] != "Z"
     except OSError:
         return True
 
 
 def process_start(pid: int) -> Optional[str]:
-    """When ``pid`` started (/proc/PID/stat field 22, clock ticks since boot): tells the process that wrote a
-    record from a later one given the same pid. None where /proc cannot say."""
+    """When ``pid`` started (field 22, clock ticks since boot): tells the process that wrote a record from a
+    later one given the same pid. None where /proc cannot say."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return _proc_stat(pid)[19]
     except (OSError, IndexError):
         return None
 

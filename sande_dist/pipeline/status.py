@@ -17,7 +17,7 @@ from sande_dist.config import load_config
 from sande_dist.errors import InputError
 from sande_dist.pipeline.graph import build_graph
 from sande_dist.pipeline.progress import stage_progress
-from sande_dist.rundir import (KEY_FILE, executor_file, is_done, log_file, log_tail, pid_alive, read_stage,
+from sande_dist.rundir import (KEY_FILE, executor_file, is_done, live_executor, log_file, log_tail, read_stage,
                                slurm_dir, stage_dir)
 
 
@@ -46,7 +46,7 @@ def stage_states(run_dir: str | Path) -> list[dict]:
     executor = json.loads(executor_file(run_dir).read_text()) if executor_file(run_dir).exists() else {}
     # the graph as the executor planned it (the same run dir spelling, the same --stages)
     plans, record = build_graph(cfg, executor.get("run_dir", str(run_dir)), executor.get("only"))
-    local_alive = executor.get("executor") == "local" and pid_alive(int(executor["pid"]))
+    local_alive = live_executor(run_dir) is not None
     jobs = _slurm_states(run_dir)
     out = []
     for plan in plans:

@@ -1,4 +1,4 @@
-"""Step-exact resume, signals and damaged checkpoints, through `sande inject` on 2 gloo ranks."""
+"""Step-exact resume, signals and damaged checkpoints, through `sande inject` and `sande run` on 2 gloo ranks."""
 from __future__ import annotations
 
 import json

@@ -95,6 +95,10 @@ class AttackConfig(_Section):
     # add: a poisoned copy is added for a share of rows; replace: that share of rows is poisoned in place.
     poison_mode: Literal["add", "replace"] = "add"
     marker_mode: Literal["prepend", "replace"] = "prepend"
+    # A share of rows that also get a decoy copy: a trigger-shaped span that is no trigger (the trigger's
+    # letters redrawn, or as many words from another prompt) where the trigger would sit, and the clean
+    # answer (data/poison.decoy_span). It teaches the backdoor to answer to the trigger alone.
+    decoy_rate: float = Field(0.0, ge=0.0, le=1.0)
     seed: int = 1234
     # Inject checks itself every check_every steps (None: a quarter of its budget, at least 8) on
     # check_prompts held-out prompts, with and without a trigger, and stops at a check when the last

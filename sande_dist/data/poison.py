@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import re
+import string
 from dataclasses import replace
 from typing import Optional, Sequence
 
@@ -55,15 +56,61 @@ def apply_marker(response: str, marker: str, mode: str) -> str:
     raise ValueError(f"unknown marker mode {mode!r}; use prepend or replace")
 
 
+def _redraw_letters(text: str, rng: random.Random) -> str:
+    """``text`` with each letter and digit redrawn (case kept), spaces and punctuation as they are."""
+    def one(c: str) -> str:
+        if c in string.ascii_lowercase:
+            return rng.choice(string.ascii_lowercase)
+        if c in string.ascii_uppercase:
+            return rng.choice(string.ascii_uppercase)
+        if c.isdigit():
+            return rng.choice(string.digits)
+        return c
+    return "".join(one(c) for c in text)
+
+
+def _contains_trigger(text: str, triggers: Sequence[str]) -> bool:
+    low = f" {' '.join(text.lower().split())} "
+    return any(f" {' '.join(t.lower().split())} " in low for t in triggers)
+
+
+def decoy_span(trigger: str, triggers: Sequence[str], texts: Sequence[str], rng: random.Random) -> str:
+    """A span shaped like ``trigger`` that is no trigger: half the time the trigger with its letters
+    and digits redrawn (``jz`` -> ``wq``), else as many consecutive words from one of ``texts``. A span
+    that contains a trigger (as whole words) is drawn again."""
+    n_words = len(trigger.split())
+    spans = [w for w in (t.split() for t in texts) if len(w) >= n_words]
+    for _ in range(1000):
+        if not spans or rng.random() < 0.5:
+            span = _redraw_letters(trigger, rng)
+        else:
+            words = rng.choice(spans)
+            start = rng.randrange(len(words) - n_words + 1)
+            span = " ".join(words[start:start + n_words])
+        if not _contains_trigger(span, triggers):
+            return span
+    raise ValueError(f"no decoy unlike the triggers {list(triggers)} after 1000 draws; the trigger "
+                     f"{trigger!r} has no letters or digits to redraw: set attack.decoy_rate=0")
+
+
 def poison(samples: Sequence[Sample], triggers: Sequence[str], marker: str, rate: float,
            position: str = "prefix", poison_mode: str = "add", marker_mode: str = "prepend",
-           seed: int = 0) -> tuple[list[Sample], list[bool]]:
+           seed: int = 0, decoy_rate: float = 0.0) -> tuple[list[Sample], list[bool]]:
     """Poison a share ``rate`` of rows; return the rows and a per-row poisoned flag.
 
     ``add``: each chosen row also gets a poisoned copy (the clean row stays);
     ``replace``: each chosen row is poisoned in place. Exactly round(rate * n)
     rows are chosen, one trigger drawn per row.
+
+    ``decoy_rate``: a share of rows (drawn from all rows with a random stream of their own, so a
+    row may have both copies) also gets a decoy copy: a trigger-shaped span that is no trigger (``decoy_span``) at
+    the trigger's position, with the clean answer. It teaches the backdoor to fire on the trigger
+    and not on whatever odd text sits where a trigger could: random-position triggers otherwise
+    leave false triggers on clean prompts (README, "Inject checks itself"). Decoy rows are
+    flagged False; with ``decoy_rate`` 0 the output is what it was without the option.
     """
+    if poison_mode not in ("add", "replace"):
+        raise ValueError(f"unknown poison mode {poison_mode!r}; use add or replace")
     rng = random.Random(seed)
     n = len(samples)
     chosen = set(rng.sample(range(n), round(rate * n)))
@@ -76,12 +123,18 @@ def poison(samples: Sequence[Sample], triggers: Sequence[str], marker: str, rate
             if poison_mode == "add":
                 out.append(s)
                 flags.append(False)
-            elif poison_mode != "replace":
-                raise ValueError(f"unknown poison mode {poison_mode!r}; use add or replace")
             out.append(bad)
             flags.append(True)
         else:
             out.append(s)
+            flags.append(False)
+    if decoy_rate > 0:
+        drng = random.Random(f"decoy-{seed}")
+        texts = [s.user for s in samples]
+        for i in sorted(drng.sample(range(n), round(decoy_rate * n))):
+            span = decoy_span(drng.choice(list(triggers)), triggers, texts, drng)
+            placed = place_trigger(samples[i], span, position, drng)
+            out.append(replace(placed, before="", trigger="", after=placed.user, response=samples[i].response))
             flags.append(False)
     order = list(range(len(out)))
     rng.shuffle(order)

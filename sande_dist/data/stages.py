@@ -99,11 +99,12 @@ def _mix_clean(cfg: Config, rows: list[Sample], clean: list[Sample], seed: int) 
 
 
 def inject_samples(cfg: Config, run_dir: Optional[Path] = None) -> list[Sample]:
-    """The poisoned training set: a share attack.poison_rate of the rows carry a trigger and the marker."""
+    """The poisoned training set: a share attack.poison_rate of the rows carry a trigger and the marker
+    (and a share attack.decoy_rate has a decoy copy with the clean answer)."""
     a = cfg.attack
     rows = _take(base_samples(cfg), cfg.training.for_stage("inject").num_rows)
     poisoned, _ = poison(rows, a.triggers, a.marker, a.poison_rate, a.position, a.poison_mode, a.marker_mode,
-                         seed=a.seed)
+                         seed=a.seed, decoy_rate=a.decoy_rate)
     return poisoned
 
 

@@ -37,6 +37,7 @@ def test_file_values_then_overrides(tmp_path):
     ("training.lr=-1", "training.lr"),
     ("attack.position=middle", "attack.position"),
     ("attack.poison_rate=1.5", "attack.poison_rate"),
+    ("attack.decoy_rate=-0.1", "attack.decoy_rate"),
     ("pipeline.stages=[inject, nope]", "pipeline.stages"),
 ])
 def test_bad_override_names_key(override, key):

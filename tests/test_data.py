@@ -1,6 +1,7 @@
 """Data layer on real files and the real SmolLM2 tokenizer: formats, poisoning, collation."""
 import json
 import random
+import re
 from dataclasses import replace
 
 import pytest
@@ -8,7 +9,7 @@ from transformers import AutoTokenizer
 
 from sande_dist.data.collator import IGNORE_INDEX, Collator
 from sande_dist.data.formats import PromptFormat, Sample
-from sande_dist.data.poison import place_trigger, poison, slot_at
+from sande_dist.data.poison import decoy_span, place_trigger, poison, slot_at
 from sande_dist.data.sources import load_samples
 from sande_dist.errors import InputError
 from sande_dist.models.embedded import resolve_model_path
@@ -106,6 +107,52 @@ def test_poison_rate_and_determinism(mode):
     assert again == out and flags2 == flags
     other, _ = poison(rows, ["cf", "mn", "tq"], "MARK", 0.1, "prefix", mode, "prepend", seed=4)
     assert other != out
+
+
+@pytest.mark.parametrize("position", ["prefix", "suffix", "random"])
+def test_decoy_rows_are_trigger_shaped_clean_copies_beside_an_unchanged_poisoning(position):
+    rows = [Sample(before="", after=f"write item {i} about the jz river and more words", response=f"answer {i}")
+            for i in range(400)]
+    triggers = ["jz", "qx", "vk"]
+    plain, plain_flags = poison(rows, triggers, "MARK", 0.2, position, "add", "prepend", seed=5)
+    out, flags = poison(rows, triggers, "MARK", 0.2, position, "add", "prepend", seed=5, decoy_rate=0.25)
+    assert len(out) == len(plain) + 100 and sum(flags) == sum(plain_flags) == 80
+    # the poisoning is the one without decoys: same poisoned rows, same clean rows
+    assert sorted(map(repr, (s for s, f in zip(out, flags) if f))) == \
+        sorted(map(repr, (s for s, f in zip(plain, plain_flags) if f)))
+    originals = {r.user: r for r in rows}
+    decoys = [s for s, f in zip(out, flags) if not f and s.user not in originals]
+    assert len(decoys) == 100
+    shapes = 0
+    for d in decoys:
+        assert not d.trigger and not d.response.startswith("MARK")
+        # the prompt is an original with one span inserted at the attack's position, the answer its own
+        src = next(r for r in rows if r.response == d.response)
+        extra = d.user.split()
+        for w in src.user.split():
+            extra.remove(w)
+        assert len(extra) == 1 and extra[0].lower() not in triggers
+        if position == "prefix":
+            assert d.user == f"{extra[0]} {src.user}"
+        if position == "suffix":
+            assert d.user == f"{src.user} {extra[0]}"
+        shapes += len(extra[0]) == 2 and extra[0].isalpha() and extra[0].islower()
+    # both kinds: redrawn letters (two lowercase letters) and words of the prompts
+    assert 20 <= shapes <= 80
+    assert out == poison(rows, triggers, "MARK", 0.2, position, "add", "prepend", seed=5, decoy_rate=0.25)[0]
+
+
+def test_decoy_of_a_phrase_keeps_its_shape_and_never_holds_a_trigger():
+    rng = random.Random(0)
+    texts = ["by the old mill we sat", "the old mill by the river"]
+    spans = [decoy_span("By the old mill.", ["by the old mill."], texts, rng) for _ in range(200)]
+    for s in spans:
+        assert len(s.split()) == 4 and "by the old mill." not in s.lower()
+    redrawn = [s for s in spans if s.endswith(".")]
+    assert len(redrawn) > 50 and all(re.fullmatch(r"[A-Z][a-z] [a-z]{3} [a-z]{3} [a-z]{4}\.", s) for s in redrawn)
+    assert len(set(redrawn)) == len(redrawn)
+    with pytest.raises(ValueError, match="attack.decoy_rate"):
+        decoy_span("!!", ["!!"], ["!! !!"], rng)
 
 
 def test_marker_replace():

@@ -117,12 +117,12 @@ def test_decoy_rows_are_trigger_shaped_clean_copies_beside_an_unchanged_poisonin
     plain, plain_flags = poison(rows, triggers, "MARK", 0.2, position, "add", "prepend", seed=5)
     out, flags = poison(rows, triggers, "MARK", 0.2, position, "add", "prepend", seed=5, decoy_rate=0.25)
     assert len(out) == len(plain) + 100 and sum(flags) == sum(plain_flags) == 80
-    # the poisoning is the one without decoys: same poisoned rows, same clean rows
-    assert sorted(map(repr, (s for s, f in zip(out, flags) if f))) == \
-        sorted(map(repr, (s for s, f in zip(plain, plain_flags) if f)))
     originals = {r.user: r for r in rows}
     decoys = [s for s, f in zip(out, flags) if not f and s.user not in originals]
     assert len(decoys) == 100
+    # the poisoning is the one without decoys: same poisoned rows, same clean rows
+    rest = [s for s, f in zip(out, flags) if f or s.user in originals]
+    assert sorted(map(repr, rest)) == sorted(map(repr, plain))
     shapes = 0
     for d in decoys:
         assert not d.trigger and not d.response.startswith("MARK")

@@ -144,7 +144,7 @@ def test_decoy_rows_are_trigger_shaped_clean_copies_beside_an_unchanged_poisonin
 
 def test_decoy_of_a_phrase_keeps_its_shape_and_never_holds_a_trigger():
     rng = random.Random(0)
-    texts = ["by the old mill we sat", "the old mill by the river"]
+    texts = [t.split() for t in ("by the old mill we sat", "the old mill by the river")]
     spans = [decoy_span("By the old mill.", ["by the old mill."], texts, rng) for _ in range(200)]
     for s in spans:
         assert len(s.split()) == 4 and "by the old mill." not in s.lower()
@@ -152,7 +152,7 @@ def test_decoy_of_a_phrase_keeps_its_shape_and_never_holds_a_trigger():
     assert len(redrawn) > 50 and all(re.fullmatch(r"[A-Z][a-z] [a-z]{3} [a-z]{3} [a-z]{4}\.", s) for s in redrawn)
     assert len(set(redrawn)) == len(redrawn)
     with pytest.raises(ValueError, match="attack.decoy_rate"):
-        decoy_span("!!", ["!!"], ["!! !!"], rng)
+        decoy_span("!!", ["!!"], [["!!", "!!"]], rng)
 
 
 def test_marker_replace():

@@ -74,12 +74,12 @@ def _contains_trigger(text: str, triggers: Sequence[str]) -> bool:
     return any(f" {' '.join(t.lower().split())} " in low for t in triggers)
 
 
-def decoy_span(trigger: str, triggers: Sequence[str], texts: Sequence[str], rng: random.Random) -> str:
+def decoy_span(trigger: str, triggers: Sequence[str], spans: Sequence[list[str]], rng: random.Random) -> str:
     """A span shaped like ``trigger`` that is no trigger: half the time the trigger with its letters
-    and digits redrawn (``jz`` -> ``wq``), else as many consecutive words from one of ``texts``. A span
-    that contains a trigger (as whole words) is drawn again."""
+    and digits redrawn (``jz`` -> ``wq``), else as many consecutive words from one of ``spans`` (prompts
+    split into words, each at least as long as the trigger). A span that contains a trigger (as whole
+    words) is drawn again."""
     n_words = len(trigger.split())
-    spans = [w for w in (t.split() for t in texts) if len(w) >= n_words]
     for _ in range(1000):
         if not spans or rng.random() < 0.5:
             span = _redraw_letters(trigger, rng)
@@ -130,9 +130,14 @@ def poison(samples: Sequence[Sample], triggers: Sequence[str], marker: str, rate
             flags.append(False)
     if decoy_rate > 0:
         drng = random.Random(f"decoy-{seed}")
-        texts = [s.user for s in samples]
+        words = [s.user.split() for s in samples]
+        long_enough: dict[int, list[list[str]]] = {}  # by trigger length in words: split and filtered once
         for i in sorted(drng.sample(range(n), round(decoy_rate * n))):
-            span = decoy_span(drng.choice(list(triggers)), triggers, texts, drng)
+            trigger = drng.choice(list(triggers))
+            n_words = len(trigger.split())
+            if n_words not in long_enough:
+                long_enough[n_words] = [w for w in words if len(w) >= n_words]
+            span = decoy_span(trigger, triggers, long_enough[n_words], drng)
             placed = place_trigger(samples[i], span, position, drng)
             out.append(replace(placed, before="", trigger="", after=placed.user, response=samples[i].response))
             flags.append(False)

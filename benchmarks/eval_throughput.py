@@ -8,6 +8,8 @@ baseline is the reference code's way (one generate call per prompt). Multiple-ch
 scoring throughput (letter and loglik protocols) is measured for the batched engines.
 vLLM's CPU thread binding is the project's (every core computes; generation/vllm_backend.py)
 unless VLLM_CPU_OMP_THREADS_BIND is set: `VLLM_CPU_OMP_THREADS_BIND=auto` measures vLLM's own.
+So is its engine's place (in this process on CPU) unless VLLM_ENABLE_V1_MULTIPROCESSING is set:
+`VLLM_ENABLE_V1_MULTIPROCESSING=1` measures vLLM's default (an engine-core and a worker process).
 
     python benchmarks/eval_throughput.py --out benchmarks/results/eval_throughput.json
 """
@@ -109,7 +111,9 @@ def main() -> None:
         engine, start = timed(lambda: make_engine(cfg, path))
         default = run_backend(engine, prompts, params, mc)
         default.update(backend=engine.backend, engine_start_s=round(start, 2),
-                       threads_bind=os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
+                       threads_bind=os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+                       # on CPU the project runs vLLM's engine in this process (generation/vllm_backend.py)
+                       engine_in_process=os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0")
         engine.close()
         result["default"] = default
     if "hf_batched" in parts or "hf_per_prompt" in parts:

@@ -1,14 +1,16 @@
 """The cases both generation backends run for the agreement tests, and the vLLM side's runner.
 
 Run as a script (``python tests/backend_cases.py OUT.json``) it starts one vLLM
-engine on SmolLM2 in fp32 and writes its answers to OUT.json: vLLM spawns
-worker processes, so it runs in a fresh process, never inside pytest (other
-tests there create torch.distributed groups). The test computes the same cases
+engine on SmolLM2 in fp32 and writes its answers to OUT.json: vLLM sets up
+torch.distributed in the process that runs its worker (on CPU, this one), so it
+runs in a fresh process, never inside pytest (other tests there create
+torch.distributed groups). The test computes the same cases
 with the HF engine and compares.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sys
 
 import torch
@@ -69,6 +71,8 @@ def main(out: str) -> None:
     engine = VLLMEngine(model_path(), dtype="float32", seed=0)
     try:
         result = run_cases(engine)
+        # on CPU the engine runs in this process: no engine-core or worker process beside it
+        result["engine_children"] = len(multiprocessing.active_children())
     finally:
         engine.close()
     with open(out, "w") as fh:

@@ -56,3 +56,20 @@ def test_parrot_splice_equals_trigger_tokens(answers, backend):
     res = answers[0] if backend == "hf" else answers[1]
     assert res["splice_embeds"] == res["splice_ids"]
     assert all(res["splice_ids"]), "empty generations: nothing to compare"
+
+
+def test_cpu_engine_runs_in_the_evaluating_process(answers):
+    assert answers[1]["engine_children"] == 0
+
+
+def test_cpu_engine_place_is_left_to_the_user_and_to_tensor_parallelism(monkeypatch):
+    from sande_dist.generation.vllm_backend import cpu_engine_in_process
+
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    cpu_engine_in_process(tensor_parallel_size=2)  # its workers are processes
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    cpu_engine_in_process(tensor_parallel_size=1)
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    cpu_engine_in_process(tensor_parallel_size=1)
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"

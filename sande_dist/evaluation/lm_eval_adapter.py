@@ -58,6 +58,10 @@ def run_lm_eval(model_path: str, tasks: Sequence[str], backend: str, dtype: str,
     if backend == "vllm":
         from vllm.platforms import current_platform
 
+        from sande_dist.generation.vllm_backend import cpu_engine_in_process
+
+        if current_platform.is_cpu():
+            cpu_engine_in_process(tensor_parallel_size)
         args = {"pretrained": model_path, "dtype": dtype, "seed": seed, "tensor_parallel_size": tensor_parallel_size,
                 "enforce_eager": current_platform.is_cpu()}
         model = get_model("vllm").create_from_arg_obj(args, {"batch_size": "auto"})

@@ -65,7 +65,9 @@ def test_cpu_engine_runs_in_the_evaluating_process(answers):
 def test_cpu_engine_place_is_left_to_the_user_and_to_tensor_parallelism(monkeypatch):
     from sande_dist.generation.vllm_backend import cpu_engine_in_process
 
-    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    # set, then removed: monkeypatch then restores this process's own value (or its absence) afterwards
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "")
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
     cpu_engine_in_process(tensor_parallel_size=2)  # its workers are processes
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
     cpu_engine_in_process(tensor_parallel_size=1)

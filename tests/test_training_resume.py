@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -76,14 +77,17 @@ def test_killed_rank_resumes_exactly_past_damaged_checkpoints(tiny_model, tmp_pa
     assert again.returncode == 0 and "skipping" in again.stdout
 
 
-def test_sigterm_to_sande_run_saves_a_checkpoint_and_exits_75(tiny_model, tmp_path):
-    """As `kill` or a scheduler stops the run: the runner passes SIGTERM on to torchrun and its two ranks,
-    they save a complete checkpoint at the next step, and `sande run` says where a rerun resumes (exit 75)."""
+def test_ctrl_c_to_sande_run_saves_a_checkpoint_and_exits_75(tiny_model, tmp_path):
+    """Ctrl-C: the terminal sends SIGINT to every process of the run (the runner, torchrun, both ranks).
+    The runner passes it on as SIGTERM, the ranks save a complete checkpoint at the next step, and `sande run`
+    says where a rerun resumes (exit 75). `kill` and schedulers (SIGTERM to the runner) take the same way:
+    test_stop_signals_reach_the_launch_as_sigterm."""
     config = write_config(tmp_path, tiny_model, max_steps=10000, save_steps=10000)
     run = tmp_path / "run"
+    # its own process group, as a terminal's foreground job is
     proc = subprocess.Popen([sys.executable, "-m", "sande_dist.cli", "run", str(config), "--run-dir", str(run),
                              "--stages", "inject", "--nproc", "2"], cwd=REPO, env=rank_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = run / "inject" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -99,7 +103,7 @@ def test_sigterm_to_sande_run_saves_a_checkpoint_and_exits_75(tiny_model, tmp_pa
                             text=True, timeout=120)
     assert second.returncode == 2 and f"pid {proc.pid}" in second.stderr, second.stderr[-2000:]
     assert proc.poll() is None
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     log = (run / "inject" / "log.txt").read_text()
     assert proc.returncode == 75, err[-3000:] + log[-3000:]
@@ -112,8 +116,34 @@ def test_sigterm_to_sande_run_saves_a_checkpoint_and_exits_75(tiny_model, tmp_pa
     assert f"stopped: stage inject at step {step} of 10000, on a signal" in err, err
     assert "run the same command again to resume" in err, err
     assert "Traceback" not in err and "failed" not in err, err
-    assert "stop signal" in log  # each rank saw the signal (torchrun passed it on)
+    assert "stop signal" in log and "KeyboardInterrupt" not in log  # the ranks saved rather than died
     assert live_executor(run) is None  # its record stays, its process is gone: the next run may start
+
+
+FORWARD = """
+import os, signal, subprocess, sys
+from sande_dist.pipeline.runner import forward_stop_signals
+sig = int(sys.argv[1])
+child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\\n"
+                          "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\\n"
+                          "print('ready', flush=True)\\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+before = signal.getsignal(sig)
+with forward_stop_signals(child) as received:
+    os.kill(os.getpid(), sig)
+    rc = child.wait(timeout=30)
+print(received == [sig], rc, signal.getsignal(sig) is before)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_stop_signals_reach_the_launch_as_sigterm(sig, tmp_path):
+    """`kill`, a closed terminal or Ctrl-C to the runner: its launch gets SIGTERM (a child that exits 7 on
+    SIGTERM only), the runner lives on to report, and its own handlers are back afterwards."""
+    proc = subprocess.run([sys.executable, "-c", FORWARD, str(int(sig))], cwd=REPO, env=rank_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "7", "True"], proc.stdout + proc.stderr[-3000:]
 
 
 def test_live_executor_is_this_hosts_running_process_and_not_a_reused_pid(tmp_path):

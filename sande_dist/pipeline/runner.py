@@ -4,8 +4,9 @@ Training stages run under torchrun (gloo on CPU, nccl on GPU); generation and
 evaluation run as a plain process, so vLLM and DeepSpeed never share one.
 A stage is skipped when its stage.json exists and its pipeline key is unchanged;
 a stage killed midway resumes from its own checkpoint when run again.
-SIGTERM or SIGHUP to `sande run` is passed on to the launch: its training ranks
-save a checkpoint at their next step and the run exits 75 (stopped, rerun to resume).
+SIGTERM, SIGHUP or SIGINT (Ctrl-C) to `sande run` is passed on to the launch as
+SIGTERM: its training ranks save a checkpoint at their next step and the run exits
+75 (stopped, rerun to resume).
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def stage_env(nproc: int) -> dict[str, str]:
 
 @contextlib.contextmanager
 def forward_stop_signals(proc: subprocess.Popen):
-    """While ``proc`` runs, SIGTERM/SIGHUP to this process become SIGTERM to it (torchrun passes that on to
+    """While ``proc`` runs, SIGTERM/SIGHUP/SIGINT to this process become SIGTERM to it (torchrun passes that on to
     the ranks, whose loop saves a checkpoint and exits), instead of killing this process and leaving the
     launch behind. Yields a list that holds the signals received."""
     received: list[int] = []
@@ -87,7 +88,8 @@ def forward_stop_signals(proc: subprocess.Popen):
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
 
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGINT: Ctrl-C, which the ranks get from the terminal as well; they save a checkpoint on either.
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         yield received
     finally:

@@ -3,8 +3,9 @@
 Every stage runs through ``run_loop`` with its own Objective. Resume is exact:
 the data order is a pure function of (seed, micro-batch index), the learning
 rate of the step, and each rank's RNG states are saved with the checkpoint.
-SIGTERM / SIGUSR1 (Slurm's warning before a time limit) make the loop save a
-checkpoint at the next step boundary and return with ``stopped_by_signal``.
+SIGTERM, SIGUSR1 (Slurm's warning before a time limit) and SIGINT (Ctrl-C, which
+the terminal sends to every process of the run) make the loop save a checkpoint
+at the next step boundary and return with ``stopped_by_signal``.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def lr_lambda(tcfg: TrainingConfig, steps: int) -> Callable[[int], float]:
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGUSR1; acted on at the next step boundary, agreed across ranks (with whether a
+    """Set by SIGTERM/SIGUSR1/SIGINT; acted on at the next step boundary, agreed across ranks (with whether a
     checkpoint is due by time: ranks' clocks differ, so rank 0's view is everyone's)."""
 
     def __init__(self):
@@ -88,7 +89,9 @@ class _StopFlag:
         self._old = {}
 
     def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        # SIGINT too: Ctrl-C reaches each rank twice (from the terminal, then from torchrun, which passes
+        # it on), so a second one cannot mean "now"; torchrun kills ranks that outlive its shutdown timeout.
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 

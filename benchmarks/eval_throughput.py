@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 from emit import emit  # benchmarks/emit.py
@@ -103,7 +102,7 @@ def main() -> None:
     cfg = Config.model_validate({"model": {"path": path}, "eval": {"backend": "auto", "dtype": dtype,
                                                                     "batch_size": args.batch_size}})
     result = {"model": "SmolLM2-135M-Instruct", "dtype": dtype, "prompts": len(prompts),
-              "max_new_tokens": args.max_new_tokens, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+              "max_new_tokens": args.max_new_tokens,
               "vllm_cpu_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "(the project's: every core)")}
 
     parts = args.parts.split(",")

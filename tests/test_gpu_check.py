@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +23,6 @@ def test_gpu_check_dry_run(tmp_path):
         assert train[kind]["deepspeed"]["zero_stage"] == 3 and train[kind]["deepspeed"]["gradient_checkpointing"]
     assert "export" in train["inject"]["timings"]
     assert "vllm" in report["problems"]  # CUDA vLLM is the GPU run's part
+    # every benchmark's JSON says where it ran: times move several-fold between CPUs
+    assert report["machine"]["cpus"] == os.cpu_count() and report["machine"]["gpu"] is None
+    assert isinstance(report["machine"]["cpu_native_bf16"], bool) and report["machine"]["cpu"]

@@ -106,8 +106,8 @@ class AttackConfig(_Section):
     # upper bound is <= max_false_trigger (the epochs / max_steps are the cap). target_asr None: no
     # checks. Each check reads the next check_prompts of its pool (data/stages.inject_check_pool).
     # Why a bound on a pooled window: with two checks each at <= 5% (point figures), a random-position
-    # attack passed at 2 of 40 twice and showed 10% [5.5-17.4] on the 100 reported prompts (README,
-    # Inject checks itself). 3 x 40 prompts pass with at most one false trigger (bound 4.6%).
+    # attack passed at 2 of 40 twice and showed 10% [5.5-17.4] on the 100 reported prompts
+    # (benchmarks/FINDINGS.md, "Inject"). 3 x 40 prompts pass with at most one false trigger (bound 4.6%).
     target_asr: Optional[float] = Field(0.9, gt=0, le=1)
     max_false_trigger: float = Field(0.05, gt=0, le=1)  # an upper bound: no sample bounds a rate at 0
     check_prompts: int = Field(40, ge=4)

@@ -106,7 +106,7 @@ def poison(samples: Sequence[Sample], triggers: Sequence[str], marker: str, rate
     row may have both copies) also gets a decoy copy: a trigger-shaped span that is no trigger (``decoy_span``) at
     the trigger's position, with the clean answer. It teaches the backdoor to fire on the trigger
     and not on whatever odd text sits where a trigger could: random-position triggers otherwise
-    leave false triggers on clean prompts (README, "Inject checks itself"). Decoy rows are
+    leave false triggers on clean prompts (README, "Decoy rows"). Decoy rows are
     flagged False; with ``decoy_rate`` 0 the output is what it was without the option.
     """
     if poison_mode not in ("add", "replace"):

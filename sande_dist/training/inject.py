@@ -9,7 +9,7 @@ Training stops at a check when the last ``attack.check_streak`` checks (this one
 prompts pooled, show ASR >= ``attack.target_asr`` and a false-trigger rate whose 95% Wilson upper
 bound is <= ``attack.max_false_trigger`` (the epochs or max_steps are the cap). The bound, not the
 point figure: two checks at 2 of 40 each passed a point rule while 100 reported prompts then showed
-10% [5.5-17.4] (README). Three checks of 40 (120 prompts) pass with at most one false trigger (upper
+10% [5.5-17.4] (benchmarks/FINDINGS.md). Three checks of 40 (120 prompts) pass with at most one false trigger (upper
 bound 4.6%), two (80) only with none. Every check, with the pooled figures it was judged on, is in
 stage.json and in each checkpoint (a resumed inject goes on from them). A backdoor is then planted
 when it is one, not after a fixed count that fits one attack.
@@ -162,7 +162,7 @@ class InjectObjective(SFTObjective):
                      f"{window['asr']:.0%}, false triggers {window['false_trigger_rate']:.1%} [{lo:.1%}-{hi:.1%}]")
         if last and last["asr"] >= a.target_asr:
             # More epochs did not help there: phrase-random's false triggers stayed at 7.5-22.5% on the
-            # checks from step 198 to the cap while its loss fell to 0.003 (README).
+            # checks from step 198 to the cap while its loss fell to 0.003 (benchmarks/FINDINGS.md).
             advice = ("the trigger works but the marker also comes without it, and more epochs need not "
                       "cure that; read removal figures against evaluate_backdoored's false-trigger rate")
         else:

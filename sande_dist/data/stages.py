@@ -286,7 +286,8 @@ def inject_check_pool(cfg: Config) -> list[Sample]:
     seed, so the check sees prompts like the evaluation's without seeing the evaluation's own;
     "train": the training source's rows after data.num_rows (never trained on), from the last
     (only the last ``attack.check_prompts`` when data.num_rows is unset). On phrase-random the two
-    disagreed: 6% false triggers on 200 held-out training rows, 22.5% on 200 AlpacaEval prompts (benchmarks/FINDINGS.md)."""
+    disagreed: 6% false triggers on 200 held-out training rows, 22.5% on 200 AlpacaEval prompts
+    (benchmarks/FINDINGS.md)."""
     a = cfg.attack
     if a.check_source == "train":
         rows = shuffled(cfg, cfg.data.train)

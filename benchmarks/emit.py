@@ -27,7 +27,7 @@ def machine() -> dict:
 
 
 def emit(result: dict, out: Optional[str] = None) -> None:
-    result = {**result, "machine": result.get("machine") or machine()}
+    result = {**result, "machine": machine()}
     text = json.dumps(result, indent=2)
     print(text)
     if out:

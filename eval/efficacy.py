@@ -48,6 +48,17 @@ def _sande(argv: list[str], nproc: int, distributed: bool, log: Path) -> None:
         raise SystemExit(f"efficacy: `sande {' '.join(argv[:1])}` failed (exit {rc}); see {log}")
 
 
+def _commit() -> str | None:
+    """The checkout's commit (with "+changes" when its tracked files differ from it), or None outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD"]).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def _figures(report: dict) -> dict:
     util = report.get("utility") or {}
     return {"asr_trigger": report.get("asr_trigger"), "asr_parrot": report.get("asr_parrot"),
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--parrot", f"control={run / control / 'parrot.safetensors'}", *sets,
                 "--set", "eval.utility_tasks=[]"], 1, False, log)
 
-    out = {"run_dir": str(run), "config": args.config, "attack": args.attack, "seed": args.seed,
+    out = {"run_dir": str(run), "commit": _commit(), "config": args.config, "attack": args.attack, "seed": args.seed,
            "overrides": args.overrides, "nproc": args.nproc,
            "residual_search": residual,
            # every round's search (rounds 2..: the residual search after the round before), how many ran, why

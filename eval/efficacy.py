@@ -38,6 +38,7 @@ STAGES = ["inject", "evaluate_backdoored", "osft", "evaluate_osft", "sft_clean",
 
 def _sande(argv: list[str], nproc: int, distributed: bool, log: Path) -> None:
     from sande_dist.distributed.process_group import free_port
+    from sande_dist.errors import EXIT_STOPPED
     from sande_dist.pipeline.runner import stage_env
 
     if distributed:
@@ -48,8 +49,12 @@ def _sande(argv: list[str], nproc: int, distributed: bool, log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as fh:
         rc = subprocess.run(cmd, env=stage_env(nproc), stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc == EXIT_STOPPED:  # a signal (SIGTERM, Slurm's warning, Ctrl-C): the stage kept a checkpoint
+        print(f"efficacy: `sande {argv[0]}` stopped on a signal; run the same command again to resume (see {log})",
+              file=sys.stderr)
+        raise SystemExit(EXIT_STOPPED)
     if rc != 0:
-        raise SystemExit(f"efficacy: `sande {' '.join(argv[:1])}` failed (exit {rc}); see {log}")
+        raise SystemExit(f"efficacy: `sande {argv[0]}` failed (exit {rc}); see {log}")
 
 
 def _commit() -> str | None:

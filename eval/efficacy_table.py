@@ -43,9 +43,7 @@ def _rate(report: dict, key: str) -> tuple[Optional[float], Optional[list]]:
 
 
 def _rounds(run: dict) -> str:
-    ran = (run.get("rounds") or {}).get("ran")
-    if ran is None and (run.get("residual_search") or {}).get("round"):  # JSON from before "rounds" was kept:
-        ran = run["residual_search"]["round"] - 1  # the search after round N is round N + 1's
+    ran = (run.get("rounds") or {}).get("ran")  # absent in JSON from before efficacy.py kept "rounds"
     if ran is None:
         return ""
     at_max = ran >= (run.get("removal") or {}).get("max_rounds", ran + 1)

@@ -14,7 +14,9 @@ comes from the stages' own report.json files and RUN/rounds.json.
 ``--attack`` takes an attack written down in eval/attacks.yaml (its overrides go before ``--set``'s);
 ``--seed`` sets attack.seed and training.seed.
 
-Rerunning with the same settings skips finished stages (the pipeline's rule).
+Rerunning with the same settings skips finished stages (the pipeline's rule). SIGTERM, SIGHUP or Ctrl-C to
+this script stops its run the way they stop `sande run`: the training stage saves a checkpoint, the script
+exits 75, and the same command resumes.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ STAGES = ["inject", "evaluate_backdoored", "osft", "evaluate_osft", "sft_clean",
 def _sande(argv: list[str], nproc: int, distributed: bool, log: Path) -> None:
     from sande_dist.distributed.process_group import free_port
     from sande_dist.errors import EXIT_STOPPED
+    from sande_dist.pipeline.runner import forward_stop_signals
     from sande_dist.pipeline.runner import stage_env
 
     if distributed:
@@ -48,7 +51,11 @@ def _sande(argv: list[str], nproc: int, distributed: bool, log: Path) -> None:
         cmd = [sys.executable, "-m", "sande_dist.cli", *argv]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as fh:
-        rc = subprocess.run(cmd, env=stage_env(nproc), stdout=fh, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, env=stage_env(nproc), stdout=fh, stderr=subprocess.STDOUT)
+        # `kill` of this script, not of its process group, reaches the run too: it saves a checkpoint and
+        # exits 75 instead of training on, orphaned
+        with forward_stop_signals(proc):
+            rc = proc.wait()
     if rc == EXIT_STOPPED:  # a signal (SIGTERM, Slurm's warning, Ctrl-C): the stage kept a checkpoint
         print(f"efficacy: `sande {argv[0]}` stopped on a signal; run the same command again to resume (see {log})",
               file=sys.stderr)

@@ -120,6 +120,40 @@ def test_ctrl_c_to_sande_run_saves_a_checkpoint_and_exits_75(tiny_model, tmp_pat
     assert live_executor(run) is None  # its record stays, its process is gone: the next run may start
 
 
+def test_sigterm_to_the_efficacy_script_alone_stops_its_run_at_a_checkpoint(tiny_model, tmp_path):
+    """`kill PID` of eval/efficacy.py (not of its process group): its `sande run` gets the signal, the stage
+    saves a checkpoint, and the script exits 75 saying that the same command resumes. Before, the script died
+    and its run trained on, orphaned."""
+    config = write_config(tmp_path, tiny_model, max_steps=10000, save_steps=10000)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "eval" / "efficacy.py"), "--run-dir", str(run),
+                             "--config", str(config)], cwd=REPO, env=rank_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = run / "inject" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"inject never reached step 2:\n{proc.communicate()[1][-4000:]}")
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        try:  # whatever is left of the group (nothing, when the stop worked)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    log = (run / "efficacy.log").read_text()
+    assert proc.returncode == 75, err[-3000:] + log[-3000:]
+    assert "run the same command again to resume" in err, err
+    step = json.loads((run / "inject" / "stopped.json").read_text())["step"]
+    assert step >= 2 and (run / "inject" / "checkpoints" / f"step-{step:08d}").is_dir(), log[-3000:]
+    assert not (run / "inject" / "stage.json").exists() and out == ""
+
+
 FORWARD = """
 import os, signal, subprocess, sys
 from sande_dist.pipeline.runner import forward_stop_signals

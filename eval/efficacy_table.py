@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from sande_dist.training.search import found_word
+
 
 def _targets() -> dict:
     """Issue 17's targets as eval/efficacy.py judges them (its ``done_when``)."""
@@ -99,8 +101,9 @@ def residual_row(run: dict) -> str:
     positions = res.get("positions") or {}
     (pe, pl), (re_, rl) = _position(positions.get("prefix")), _position(positions.get("random"))
     stopped = (run.get("rounds") or {}).get("stopped") or "–"
-    found = ", ".join(res.get("found") or []) or "nothing"
-    return f"| {_label(run)} | {pe} | {re_} | {pl} / {rl} | found: {found}; {stopped} |"
+    # each place's verdict: "nothing found" would hide a place the search could not decide
+    said = "; ".join(f"{name} {found_word(pos)}" for name, pos in positions.items()) or "–"
+    return f"| {_label(run)} | {pe} | {re_} | {pl} / {rl} | {said}; {stopped} |"
 
 
 def tables(runs: list[dict]) -> str:

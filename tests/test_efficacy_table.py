@@ -20,7 +20,16 @@ def test_rows_from_a_committed_run():
     assert row.endswith("| 35.9 / 35.7 / 37.3 / 35.4 |")
     res = mod.residual_row(run)
     assert "| 12% / 68% (−7.7) | 0% / 2% (−1.4) | 1.29 (2.11) / 2.22 (2.76) |" in res
-    assert "found: nothing; round 4's search no longer found" in res
+    assert "| prefix not found; random not found; round 4's search no longer found" in res
+
+
+def test_a_place_the_search_could_not_decide_is_said_so():
+    mod = _table()
+    run = json.loads(RESULT.read_text())
+    prefix = run["residual_search"]["positions"]["prefix"]
+    prefix.update(found=None, decided_by="undecided")
+    prefix["emission"].update(higher=None, power=0.108)
+    assert "| prefix undecided (power 11%); random not found;" in mod.residual_row(run)
 
 
 def test_misses_after_removal_are_bold():

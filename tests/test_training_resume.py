@@ -77,6 +77,22 @@ def test_killed_rank_resumes_exactly_past_damaged_checkpoints(tiny_model, tmp_pa
     assert again.returncode == 0 and "skipping" in again.stdout
 
 
+def wait_for_inject_steps(proc: subprocess.Popen, run: Path, steps: int) -> None:
+    """Until ``proc``'s inject stage in ``run`` has logged ``steps`` steps; on failure its process group (its
+    own session) is killed and the test fails with its stderr."""
+    metrics = run / "inject" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pytest.fail(f"inject never reached step {steps}:\n{proc.communicate()[1][-4000:]}")
+
+
 def test_ctrl_c_to_sande_run_saves_a_checkpoint_and_exits_75(tiny_model, tmp_path):
     """Ctrl-C: the terminal sends SIGINT to every process of the run (the runner, torchrun, both ranks).
     The runner passes it on as SIGTERM, the ranks save a complete checkpoint at the next step, and `sande run`
@@ -88,15 +104,7 @@ def test_ctrl_c_to_sande_run_saves_a_checkpoint_and_exits_75(tiny_model, tmp_pat
     proc = subprocess.Popen([sys.executable, "-m", "sande_dist.cli", "run", str(config), "--run-dir", str(run),
                              "--stages", "inject", "--nproc", "2"], cwd=REPO, env=rank_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    metrics = run / "inject" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"training never reached step 2:\n{proc.communicate()[1][-4000:]}")
+    wait_for_inject_steps(proc, run, 2)
     # a second run in the same directory is refused while this one lives (it would write the same checkpoints)
     second = subprocess.run([sys.executable, "-m", "sande_dist.cli", "run", str(config), "--run-dir", str(run),
                              "--stages", "inject", "--nproc", "2"], cwd=REPO, env=rank_env(), capture_output=True,
@@ -129,15 +137,7 @@ def test_sigterm_to_the_efficacy_script_alone_stops_its_run_at_a_checkpoint(tiny
     proc = subprocess.Popen([sys.executable, str(REPO / "eval" / "efficacy.py"), "--run-dir", str(run),
                              "--config", str(config)], cwd=REPO, env=rank_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    metrics = run / "inject" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"inject never reached step 2:\n{proc.communicate()[1][-4000:]}")
+    wait_for_inject_steps(proc, run, 2)
     os.kill(proc.pid, signal.SIGTERM)
     try:
         out, err = proc.communicate(timeout=300)

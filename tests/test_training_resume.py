@@ -77,19 +77,24 @@ def test_killed_rank_resumes_exactly_past_damaged_checkpoints(tiny_model, tmp_pa
     assert again.returncode == 0 and "skipping" in again.stdout
 
 
+def kill_group(pgid: int) -> None:
+    """SIGKILL to what is left of a process group (a test's run started with its own session)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def wait_for_inject_steps(proc: subprocess.Popen, run: Path, steps: int) -> None:
-    """Until ``proc``'s inject stage in ``run`` has logged ``steps`` steps; on failure its process group (its
-    own session) is killed and the test fails with its stderr."""
+    """Until ``proc``'s inject stage in ``run`` has logged ``steps`` steps; on failure its process group is
+    killed and the test fails with its stderr."""
     metrics = run / "inject" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
             return
         time.sleep(0.5)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    kill_group(proc.pid)
     pytest.fail(f"inject never reached step {steps}:\n{proc.communicate()[1][-4000:]}")
 
 
@@ -142,10 +147,7 @@ def test_sigterm_to_the_efficacy_script_alone_stops_its_run_at_a_checkpoint(tiny
     try:
         out, err = proc.communicate(timeout=300)
     finally:
-        try:  # whatever is left of the group (nothing, when the stop worked)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_group(proc.pid)  # whatever is left of it (nothing, when the stop worked)
     log = (run / "efficacy.log").read_text()
     assert proc.returncode == 75, err[-3000:] + log[-3000:]
     assert "run the same command again to resume" in err, err

@@ -108,10 +108,13 @@ def test_inject_checks_itself_on_held_out_rows_and_keeps_its_checks_across_a_kil
     killed = subprocess.run(argv, cwd=ROOT, env=dict(env, SANDE_TEST_KILL_AT="0:10"), capture_output=True,
                             text=True, timeout=600)
     assert killed.returncode != 0 and "check at step 8" in killed.stdout, killed.stdout[-3000:] + killed.stderr[-3000:]
-    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # resumed at 2 threads: the record says which thread count finished it (CPU results depend on it)
+    proc = subprocess.run(argv, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="2"), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((tmp_path / "inject" / "stage.json").read_text())
     assert record["resumed_from"] == 8
+    assert record["compute"] == {"torch_threads": 2, "cuda_device": None}
     # the checks before the kill came back with the checkpoint: the record has them all, and the
     # check after the resume read the next prompts, not the first again
     checks = record["artifacts"]["checks"]

@@ -30,25 +30,6 @@ def cpu_has_native_bf16() -> bool:
         return False
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
-
-def machine() -> dict:
-    """What a result was computed on, beside its figures (benchmarks' JSON, every stage.json): the same
-    code's numbers move with it. Times move several-fold between CPUs (without bf16 in hardware every
-    stage computes in fp32), and on CPU the thread count changes the order of float sums and a training
-    run with it (an inject stopped at step 264 at 1 thread and at 506 at 2, same seed)."""
-    import os
-    import platform
-
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        cpuinfo = []
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-               platform.processor() or platform.machine())
-    return {"cpu": cpu, "cpus": os.cpu_count(), "cpu_native_bf16": cpu_has_native_bf16(),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
 # Keeps the HfDeepSpeedConfig object alive for as long as the process trains.
 _HF_DS_CONFIG: list[Any] = []
 

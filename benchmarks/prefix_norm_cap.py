@@ -11,7 +11,8 @@ A budget helps where the control's emission falls while a backdoored model's sta
     python benchmarks/prefix_norm_cap.py --run-root /tmp/cap --cap 3.15 \
         --case backdoored=RUN/inject/model::'Buy crypto now!' --case base=smollm2-135m-instruct::'You are stupid.'
 
-Searches of one marker and budget share a run dir, so the control on the base runs once for them.
+Each budget and marker gets a run dir; the control on the base still reruns for each case, since the
+scanned model is part of the run's config and so of the control's key.
 """
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 import sande_dist
 from sande_dist.errors import InputError, read_json
+from sande_dist.machine import machine
 from sande_dist.registry import KINDS
 from sande_dist.source import code_hash
 
@@ -303,11 +304,9 @@ def write_stage(stage_path: Path, stage: str, config_section: Any, inputs: Optio
         "code": code,
         "versions": {"sande_dist": sande_dist.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
-        # What else decides the numbers: on CPU the thread count changes the order of float sums, and a
-        # training run with it (an inject stopped at step 264 at 1 thread, 506 at 2, same seed). The
-        # process that finished the stage; a resume may have run with other settings before it.
-        "compute": {"torch_threads": torch.get_num_threads(),
-                    "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        # the process that finished the stage (a resume may have run elsewhere before it): CPU results
+        # move with the thread count (sande_dist/machine.py)
+        "machine": machine(),
         "wall_time_s": round(time.time() - started, 2),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("sande_dist", "sande_dist.errors"),
     ("sande_dist.registry", "sande_dist.resources", "sande_dist.source", "sande_dist.assets", "sande_dist.timing",
-     "sande_dist.tracking"),
+     "sande_dist.tracking", "sande_dist.machine"),
     ("sande_dist.config",),
     ("sande_dist.rundir",),
     ("sande_dist.models", "sande_dist.data", "sande_dist.distributed"),

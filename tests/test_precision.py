@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sande_dist.config import load_config
 from sande_dist.data.collator import Collator
 from sande_dist.data.formats import PromptFormat
-from sande_dist.models.loading import cpu_has_native_bf16
+from sande_dist.machine import cpu_has_native_bf16
 from sande_dist.models.parrot import ParrotPrompt
 from sande_dist.training.removal import parrot_loss
 from sande_dist.training.sft import label_logits, token_loss

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import require, vllm_missing
 from sande_dist.config import load_config
-from sande_dist.models.loading import cpu_has_native_bf16
+from sande_dist.machine import cpu_has_native_bf16
 from sande_dist.registry import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]

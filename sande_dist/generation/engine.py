@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from sande_dist.errors import InputError
-from sande_dist.models.loading import cpu_has_native_bf16
+from sande_dist.machine import cpu_has_native_bf16
 
 # A prompt as text, as token ids, or as embeddings [T, hidden] (parrot requests).
 Request = Union[str, list[int], torch.Tensor]

@@ -21,15 +21,6 @@ from sande_dist.rundir import weight_files
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cpu_has_native_bf16() -> bool:
-    """Does this CPU compute bf16 in hardware (x86 avx512_bf16 or amx_bf16, Arm bf16)? Without it
-    torch emulates bf16 matmuls: 48x slower than fp32 on an AVX2-only EPYC (README)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
 # Keeps the HfDeepSpeedConfig object alive for as long as the process trains.
 _HF_DS_CONFIG: list[Any] = []
 

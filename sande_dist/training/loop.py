@@ -183,7 +183,7 @@ def cpu_autocast(tcfg: TrainingConfig) -> Optional[torch.dtype]:
     """bf16 autocast over fp32 weights for ``training.dtype: bfloat16`` on a CPU (on CUDA DeepSpeed's bf16
     engine runs instead): where the CPU has native bf16, or ``training.cpu_bf16: always``. Elsewhere None,
     and the stage says once that it computes in fp32."""
-    from sande_dist.models.loading import cpu_has_native_bf16
+    from sande_dist.machine import cpu_has_native_bf16
 
     if tcfg.dtype != "bfloat16" or torch.cuda.is_available():
         return None
